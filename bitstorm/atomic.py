@@ -1,0 +1,37 @@
+"""Atomic file writes: a crash never leaves a half-written file under the final name.
+
+The temporary name starts with '.' so that readers which scan folders (pyarrow datasets, globbing
+report code) never pick it up, and it lives in the target folder so ``os.replace`` is a rename on
+one file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary sibling and a rename; return the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    return write_bytes_atomic(path, text.encode())
