@@ -1,0 +1,22 @@
+"""Atomic writes leave either the old file or the new one, never a partial one."""
+
+import json
+
+import pytest
+
+from bitstorm.atomic import write_bytes_atomic, write_json_atomic
+
+
+def test_json_round_trip_and_no_leftovers(tmp_path):
+    path = write_json_atomic(tmp_path / "deep" / "result.json", {"b": 2, "a": [1.5]})
+    assert json.loads(path.read_text()) == {"a": [1.5], "b": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = write_bytes_atomic(tmp_path / "out.bin", b"old")
+
+    with pytest.raises(TypeError):  # fails mid-write, after the temporary file was created
+        write_bytes_atomic(path, object())  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
