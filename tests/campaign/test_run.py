@@ -1,0 +1,59 @@
+"""The entry point as a user calls it: a script run from the repository root."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from campaign.run import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_runs_as_a_script():
+    done = subprocess.run(
+        [sys.executable, "campaign/run.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--list-sites MODEL" in done.stdout
+
+
+def test_list_sites_prints_the_table(capsys):
+    assert (
+        main(
+            [
+                "--list-sites",
+                "resnet18",
+                "--input",
+                "3,32,32",
+                "--num-classes",
+                "10",
+                "--format",
+                "int8",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["layer", "type"] and len(lines) == 23
+    assert lines[-1].split()[-2:] == ["89,376,256", "405,584"]  # 8 bits x the elements
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--list-sites", "resnt18"], "did you mean resnet18"),
+        (["--list-sites", "resnet18", "--input", "3,x,32"], "positive sizes"),
+        (["--list-sites", "resnet18", "--types", "Conv3d"], "Conv2d"),
+        ([], "--list-sites MODEL"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
