@@ -1,0 +1,159 @@
+"""Data sets and their transforms: scikit-learn's bundled digits (offline default), a synthetic
+set for tests, and CIFAR-10/100, STL-10, Food-101 and ImageNet through torchvision's own loading
+code (downloads only when the user asks, with ``download: true``).
+
+Transforms follow torchvision's references/classification: random crops and flips for training,
+resize and centre crop for evaluation, ImageNet normalisation for the large-image sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from bitstorm.errors import ConfigError, DataError
+from embeddings.classes import class_names as named_classes
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "food101", "imagenet")
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def build_data(
+    name: str,
+    root: str | Path = "data",
+    *,
+    download: bool = False,
+    image_size: int | None = None,
+    seed: int = 0,
+    synthetic_size: int = 512,
+) -> DataBundle:
+    """Train and validation sets for ``name`` (see ``DATASETS``)."""
+    if name == "digits":
+        return digits(seed=seed, image_size=image_size or 32)
+    if name == "synthetic":
+        return synthetic(synthetic_size, image_size=image_size or 32, seed=seed)
+    if name in ("cifar10", "cifar100", "stl10", "food101", "imagenet"):
+        return _torchvision(name, Path(root), download, image_size)
+    raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_class_names(name: str, num_classes: int = 10) -> tuple[str, ...]:
+    """Class names of a data set without loading it (synthetic classes are class0, class1...)."""
+    if name == "synthetic":
+        return tuple(f"class{i}" for i in range(num_classes))
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return tuple(named_classes(name))
+
+
+def digits(*, seed: int = 0, image_size: int = 32, val_fraction: float = 0.2) -> DataBundle:
+    """scikit-learn's 1,797 bundled 8x8 digits, upsampled to 3 x size x size, standardised with
+    the training split's statistics; a fixed, seeded 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().unsqueeze(1) / 16.0
+    images = F.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+    ).repeat(1, 3, 1, 1)
+    labels = torch.from_numpy(bunch.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_val = round(len(labels) * val_fraction)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    return DataBundle(
+        train=TensorDataset(images[train_idx], labels[train_idx]),
+        val=TensorDataset(images[val_idx], labels[val_idx]),
+        class_names=dataset_class_names("digits"),
+        image_shape=(3, image_size, image_size),
+    )
+
+
+def synthetic(
+    size: int, *, num_classes: int = 10, image_size: int = 32, seed: int = 0
+) -> DataBundle:
+    """Learnable random images: one fixed pattern per class plus noise. For tests."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(num_classes, 3, image_size, image_size, generator=generator)
+    labels = torch.arange(size) % num_classes
+    images = patterns[labels] + 0.5 * torch.randn(
+        size, 3, image_size, image_size, generator=generator
+    )
+    n_val = max(num_classes, size // 5)
+    return DataBundle(
+        train=TensorDataset(images[n_val:], labels[n_val:]),
+        val=TensorDataset(images[:n_val], labels[:n_val]),
+        class_names=dataset_class_names("synthetic", num_classes),
+        image_shape=(3, image_size, image_size),
+    )
+
+
+def _torchvision(name: str, root: Path, download: bool, image_size: int | None) -> DataBundle:
+    from torchvision import datasets
+
+    small = name in ("cifar10", "cifar100")
+    size = image_size or (32 if small else 224)
+    train_tf, eval_tf = _transforms(size, small)
+    try:
+        if name == "cifar10":
+            train = datasets.CIFAR10(root, train=True, transform=train_tf, download=download)
+            val = datasets.CIFAR10(root, train=False, transform=eval_tf, download=download)
+        elif name == "cifar100":
+            train = datasets.CIFAR100(root, train=True, transform=train_tf, download=download)
+            val = datasets.CIFAR100(root, train=False, transform=eval_tf, download=download)
+        elif name == "stl10":
+            train = datasets.STL10(root, split="train", transform=train_tf, download=download)
+            val = datasets.STL10(root, split="test", transform=eval_tf, download=download)
+        elif name == "food101":
+            train = datasets.Food101(root, split="train", transform=train_tf, download=download)
+            val = datasets.Food101(root, split="test", transform=eval_tf, download=download)
+        else:
+            train = datasets.ImageFolder(root / "train", transform=train_tf)
+            val = datasets.ImageFolder(root / "val", transform=eval_tf)
+    except (RuntimeError, FileNotFoundError) as error:
+        hint = (
+            "an ImageFolder tree with train/ and val/ under data_root"
+            if name == "imagenet"
+            else "set download: true to fetch it, or point data_root at a copy"
+        )
+        raise DataError(f"{name} not found under {root}: {hint} ({error})") from None
+    return DataBundle(
+        train=train, val=val, class_names=dataset_class_names(name), image_shape=(3, size, size)
+    )
+
+
+def _transforms(size: int, small: bool):
+    from torchvision import transforms as T
+
+    if small:
+        normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+        train = T.Compose(
+            [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        )
+        return train, T.Compose([T.Resize(size), T.ToTensor(), normalize])
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    evaluate = T.Compose(
+        [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize]
+    )
+    return train, evaluate
