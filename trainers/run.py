@@ -1,0 +1,100 @@
+"""Driver side of a training run: resolve the class embeddings, start Ray, fit, and summarise.
+
+Shared by ``python -m trainers.train`` and the Tune sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from bitstorm.config import to_dict
+from embeddings.build import build_embeddings
+from embeddings.descriptions import (
+    clean_descriptions,
+    read_descriptions,
+    shipped_descriptions,
+    template_descriptions,
+)
+from embeddings.encoders import load_encoder
+from embeddings.store import load_embeddings, save_embeddings
+from trainers.config import TrainConfig
+from trainers.data import dataset_class_names
+from trainers.heads import head_kind
+
+log = logging.getLogger(__name__)
+
+
+def resolve_embeddings(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``embeddings`` pointing at a file, building it once when the head needs one
+    and none was given (descriptions + text_encoder, cached under ``<output>/embeddings``)."""
+    if not head_kind(cfg.head).needs_embeddings:
+        return cfg
+    names = dataset_class_names(cfg.dataset)
+    if cfg.embeddings:
+        load_embeddings(cfg.embeddings, names)  # fail here, on the driver, not in every worker
+        return dataclasses.replace(cfg, embeddings=str(Path(cfg.embeddings).resolve()))
+    slug = re.sub(
+        r"[^A-Za-z0-9.-]+", "_", f"{cfg.dataset}-{Path(cfg.descriptions).stem}-{cfg.text_encoder}"
+    )
+    path = Path(cfg.output).resolve() / "embeddings" / f"{slug}.safetensors"
+    if not path.is_file():
+        log.info("building class embeddings %s", path)
+        if cfg.descriptions == "shipped":
+            raw = shipped_descriptions(cfg.dataset)
+        elif cfg.descriptions == "templates":
+            raw = template_descriptions(names)
+        else:
+            raw = read_descriptions(cfg.descriptions)
+        descriptions = clean_descriptions(raw, names, cfg.descriptions)
+        built = build_embeddings(
+            names, descriptions, load_encoder(cfg.text_encoder), description_source=cfg.descriptions
+        )
+        save_embeddings(built, path)
+    load_embeddings(path, names)
+    return dataclasses.replace(cfg, embeddings=str(path))
+
+
+def fit(cfg: TrainConfig, callbacks: list | None = None):
+    """Run ``cfg`` with Ray Train and return Ray's ``Result``.
+
+    Rerunning the same config (same ``output`` and ``name``) resumes from its latest checkpoint:
+    after a crash, or to train for more epochs.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    cfg = resolve_embeddings(cfg)
+    if cfg.num_workers == 0:
+        log.warning(
+            "num_workers=0 runs the loop in this process (Ray Train local mode): "
+            "nothing is checkpointed; use it for debugging only"
+        )
+    if not ray.is_initialized():
+        # Ray's own actors log at ERROR only: without Ray's dashboard packages, Train's
+        # placement-group watcher would warn every second that the state API is unavailable.
+        # The loop prints its own progress line per epoch.
+        ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.output).resolve()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+            # Ray Train routes print() through its logger, which shows every line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    return trainer.fit()
