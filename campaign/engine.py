@@ -1,0 +1,520 @@
+"""The batched trial engine: exact outcomes of single bit flips, many trials per forward pass.
+
+A trial needs the network's output with one changed number, and almost all of a full forward is
+wasted on it. The engine (see docs/design.md, "Engine"):
+
+- runs the golden pass once per image chunk and caches what the suffixes need, within a memory
+  budget (``cache_bytes``: the chunk of images is sized so the cache fits);
+- cuts the network after each faulty layer with torch.fx: the *suffix* is every node that depends
+  on the layer's output; values it needs from before the cut (residual branches) come from the
+  cache;
+- neuron fault: flips one element of the layer's cached output per trial and runs the suffix on
+  a batch of trials (each with its own image);
+- weight fault: turns ``w -> w'`` into a delta on the layer's output, ``(w' - w) * input slice``,
+  in one output channel (Conv2d) or one output unit (Linear), then runs the suffix as for neurons;
+- everything else is still exact, only slower: a weight that the delta rule does not cover (other
+  layer types, modules called several times or never) is edited in place for one forward over its
+  trials' images; a model fx cannot trace gets hooks and a full forward (``Engine.mode`` says so).
+
+Outcomes follow docs/design.md section 3: faulty top-1, ``sdc`` (top-1 changed, or any non-finite
+logit), ``non_finite``, faulty Top2Diff, and the value before and after the flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from bitstorm.errors import ConfigError
+from bitstorm.metrics import top2diff
+from campaign.bits import flip, format_width, int8_scale, quantize
+from campaign.sites import LayerSite, eval_mode, find_sites, hooked_outputs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 2 * 2**30
+DEFAULT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TrialGroup:
+    """Trials that share kind, layer and number format; one entry per trial in each tensor.
+
+    ``index`` is the flat index into the weight tensor (weight) or into one image's layer output
+    (neuron; over all calls of a reused module, in call order); ``image`` indexes the images.
+    """
+
+    kind: str
+    layer: str
+    fmt: str
+    index: torch.Tensor
+    bit: torch.Tensor
+    image: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("weight", "neuron"):
+            raise ConfigError(f"trial kind {self.kind!r}: pass 'weight' or 'neuron'")
+        sizes = {len(self.index), len(self.bit), len(self.image)}
+        if len(sizes) != 1:
+            raise ConfigError(f"index, bit and image need one entry per trial; got {sizes}")
+        width = format_width(self.fmt)
+        if len(self.bit) and (int(self.bit.min()) < 0 or int(self.bit.max()) >= width):
+            raise ConfigError(f"bits must lie in 0..{width - 1} for {self.fmt}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per trial, in the order of the trials given."""
+
+    faulty_top1: torch.Tensor  # int64; -1 where a logit is NaN
+    golden_top1: torch.Tensor
+    sdc: torch.Tensor
+    non_finite: torch.Tensor
+    top2diff: torch.Tensor  # percent; NaN where non_finite
+    value_before: torch.Tensor
+    value_after: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[Outcomes]) -> Outcomes:
+        return Outcomes(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                           for f in fields(Outcomes)})
+
+    def select(self, order: torch.Tensor) -> Outcomes:
+        return Outcomes(**{f.name: getattr(self, f.name)[order] for f in fields(Outcomes)})
+
+
+@dataclass(frozen=True)
+class _GoldenCache:
+    """Golden values of one image chunk, one row per image."""
+
+    top1: torch.Tensor
+    layer_output: torch.Tensor
+    externals: list[torch.Tensor]
+    layer_input: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A faulty layer's place in the graph: the call node, its suffix and what it needs."""
+
+    node: fx.Node
+    suffix: fx.GraphModule
+    externals: tuple[fx.Node, ...]  # batch-valued values from before the cut, in suffix order
+
+
+class Engine:
+    """An evaluator bound to one model (eval mode, on ``device``).
+
+    ``cache_bytes`` bounds the golden cache; ``batch_size`` is the number of trials per suffix
+    forward; ``clamp`` replaces a flipped activation by its value clamped to the layer's profiled
+    max |activation| (the paper preset's option; NaN becomes 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: str | torch.device | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        batch_size: int = DEFAULT_BATCH,
+        clamp: bool = False,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.cache_bytes = cache_bytes
+        self.batch_size = batch_size
+        self.clamp = clamp
+        self.sites = {s.name: s for s in find_sites(self.model, example[:1].to(self.device),
+                                                    types="weighted")}
+        self._cuts: dict[tuple[str, int], _Cut] = {}
+        self._golden_modules: dict[tuple[fx.Node, ...], fx.GraphModule] = {}
+        self._bytes_per_image: dict[tuple[fx.Node, ...], int] = {}
+        self._peaks: dict[str, float] = {}
+        self._golden_top1: tuple[tuple, torch.Tensor] | None = None
+        try:
+            self.graph = fx.symbolic_trace(self.model)
+            self.mode = "suffix"
+        except Exception as error:
+            log.warning("torch.fx cannot trace %s (%s): falling back to hooks and a full forward "
+                        "per trial batch, exact but slower", type(model).__name__, error)
+            self.graph = None
+            self.mode = "hooks"
+        if self.graph is not None:
+            self._calls: dict[str, list[fx.Node]] = defaultdict(list)
+            for node in self.graph.graph.nodes:
+                if node.op == "call_module":
+                    self._calls[node.target].append(node)
+            # Only the image input carries a batch; other inputs (timm's attn_mask=None...) are
+            # constants at their defaults.
+            self._input_dependent = _reachable_from(
+                [next(n for n in self.graph.graph.nodes if n.op == "placeholder")])
+            with torch.no_grad():  # records which nodes produce tensors
+                ShapeProp(self.graph).propagate(example[:2].to(self.device))
+
+    # ----------------------------------------------------------------------------- public API
+
+    def profile(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, float]:
+        """max |output| per layer over ``images`` (all calls): int8 neuron scales and clamps."""
+        missing = [name for name in layers if name not in self._peaks]
+        if missing:
+            modules = {name: self.model.get_submodule(name) for name in missing}
+            peaks = dict.fromkeys(missing, 0.0)
+
+            def record(name: str, output: object) -> None:
+                if isinstance(output, torch.Tensor):
+                    peaks[name] = max(peaks[name], float(output.detach().abs().amax()))
+
+            with hooked_outputs(modules, record), torch.no_grad():
+                for chunk in images.split(self.batch_size):
+                    self.model(chunk.to(self.device))
+            self._peaks.update(peaks)
+        return {name: self._peaks[name] for name in layers}
+
+    def golden(self, images: torch.Tensor) -> torch.Tensor:
+        """Fault-free logits of ``images``."""
+        with torch.no_grad():
+            return torch.cat([self.model(chunk.to(self.device)).float()
+                              for chunk in images.split(self.batch_size)])
+
+    def golden_top1(self, images: torch.Tensor) -> torch.Tensor:
+        """Fault-free top-1 of ``images``, remembered for the last image set seen."""
+        key = (images.data_ptr(), tuple(images.shape), images.dtype)
+        if self._golden_top1 is None or self._golden_top1[0] != key:
+            self._golden_top1 = (key, self.golden(images).argmax(dim=1))
+        return self._golden_top1[1]
+
+    def run(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
+        """Outcomes of every trial in ``group`` (each on its own image of ``images``)."""
+        site = self._site(group)
+        if len(group) == 0:
+            return _empty_outcomes()
+        if group.image.min() < 0 or group.image.max() >= len(images):
+            raise ConfigError(f"trial image indices must lie in 0..{len(images) - 1}")
+        limit = site.weight_elements if group.kind == "weight" else site.neuron_elements
+        if group.index.min() < 0 or group.index.max() >= limit:
+            raise ConfigError(f"{group.kind} index outside the {limit:,} sites of {site.name}")
+        with torch.no_grad(), eval_mode(self.model):
+            if group.kind == "weight" and not self._weight_delta_applies(site):
+                return self._run_weight_edits(images, group)
+            if self.mode == "hooks":
+                return self._run_with_hooks(images, group)
+            return self._run_suffix(images, group)
+
+    def run_many(self, images: torch.Tensor, groups: Sequence[TrialGroup]) -> list[Outcomes]:
+        return [self.run(images, group) for group in groups]
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _site(self, group: TrialGroup) -> LayerSite:
+        if group.layer not in self.sites:
+            raise ConfigError(f"no injectable layer {group.layer!r}; see campaign.sites")
+        site = self.sites[group.layer]
+        if group.kind == "neuron" and not site.output_shapes:
+            raise ConfigError(f"{group.layer} has no neuron sites: {site.neuron_note}")
+        return site
+
+    def _weight_delta_applies(self, site: LayerSite) -> bool:
+        module = self.model.get_submodule(site.name)
+        supported = isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple))
+        return supported and site.calls == 1
+
+    def _weight_values(self, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored weight, flipped weight) per trial; int8 uses the per-tensor scale."""
+        weight = self.model.get_submodule(group.layer).weight.detach()
+        scale = int8_scale(weight) if group.fmt == "int8" else None
+        original = weight.reshape(-1)[group.index.to(self.device)]
+        return original, flip(original, group.bit.to(self.device), group.fmt, scale)
+
+    def _neuron_scale(self, images: torch.Tensor, group: TrialGroup) -> float | None:
+        if group.fmt != "int8":
+            return None
+        return self.profile(images, [group.layer])[group.layer] / 127
+
+    def _faulty_neurons(
+        self, images: torch.Tensor, group: TrialGroup, golden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(value before, flipped value) of the selected elements ``golden``; the flipped value
+        is clamped to the layer's profiled range when the engine clamps."""
+        bits = group.bit.to(golden.device)
+        scale = self._neuron_scale(images, group)
+        after = flip(golden, bits, group.fmt, scale)
+        if self.clamp:
+            peak = self.profile(images, [group.layer])[group.layer]
+            after = torch.nan_to_num(after, nan=0.0, posinf=peak, neginf=-peak).clamp(-peak, peak)
+        return quantize(golden, group.fmt, scale), after
+
+    # -- fx suffix path -------------------------------------------------------------------
+
+    def _cut(self, layer: str, call: int) -> _Cut:
+        key = (layer, call)
+        if key not in self._cuts:
+            node = self._calls[layer][call]
+            suffix, externals = _suffix_module(self.graph, node, self._input_dependent)
+            self._cuts[key] = _Cut(node, suffix, externals)
+        return self._cuts[key]
+
+    def _run_suffix(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
+        site = self.sites[group.layer]
+        calls, offsets = self._neuron_calls(site, group)
+        parts, order = [], []
+        for call in calls.unique().tolist():
+            chosen = (calls == call).nonzero().flatten()
+            sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[chosen] -
+                             offsets[chosen], group.bit[chosen], group.image[chosen])
+            parts.append(self._run_cut(images, sub, self._cut(site.name, call)))
+            order.append(chosen)
+        return Outcomes.cat(parts).select(torch.argsort(torch.cat(order)))
+
+    def _neuron_calls(self, site: LayerSite, group: TrialGroup
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which call of the module each trial hits, and that call's first flat index."""
+        if group.kind == "weight" or site.calls == 1:
+            return torch.zeros_like(group.index), torch.zeros_like(group.index)
+        sizes = torch.tensor([math.prod(s) for s in site.output_shapes])
+        starts = torch.cumsum(sizes, 0) - sizes
+        calls = torch.bucketize(group.index, torch.cumsum(sizes, 0), right=True)
+        return calls, starts[calls]
+
+    def _run_cut(self, images: torch.Tensor, group: TrialGroup, cut: _Cut) -> Outcomes:
+        """Image chunk by image chunk (bounded cache), trial batch by trial batch."""
+        wanted = (cut.node, *cut.externals) + ((cut.node.args[0],) if group.kind == "weight"
+                                              else ())
+        chunk = max(1, min(len(images), self.cache_bytes // self._cache_cost(images, wanted)))
+        results: list[Outcomes] = []
+        order: list[torch.Tensor] = []
+        for start in range(0, len(images), chunk):
+            in_chunk = ((group.image >= start) & (group.image < start + chunk)).nonzero().flatten()
+            if len(in_chunk) == 0:
+                continue
+            output, *values = self._golden_module(wanted)(images[start:start + chunk]
+                                                          .to(self.device))
+            cache = _GoldenCache(top1=output.float().argmax(dim=1), layer_output=values[0],
+                                 externals=values[1:1 + len(cut.externals)],
+                                 layer_input=values[-1] if group.kind == "weight" else None)
+            for part in in_chunk.split(self.batch_size):
+                sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[part],
+                                 group.bit[part], group.image[part] - start)
+                results.append(self._evaluate(images, sub, cut, cache))
+                order.append(part)
+        return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))
+
+    def _golden_module(self, nodes: tuple[fx.Node, ...]) -> fx.GraphModule:
+        if nodes not in self._golden_modules:
+            self._golden_modules[nodes] = _golden_module(self.graph, nodes)
+        return self._golden_modules[nodes]
+
+    def _cache_cost(self, images: torch.Tensor, nodes: tuple[fx.Node, ...]) -> int:
+        """Bytes the golden cache holds per image for ``nodes`` (measured on one image)."""
+        if nodes not in self._bytes_per_image:
+            _, *values = self._golden_module(nodes)(images[:1].to(self.device))
+            self._bytes_per_image[nodes] = max(1, sum(v.element_size() * v.numel()
+                                                      for v in values))
+        return self._bytes_per_image[nodes]
+
+    def _evaluate(self, images: torch.Tensor, group: TrialGroup, cut: _Cut,
+                  cache: _GoldenCache) -> Outcomes:
+        image = group.image.to(self.device)
+        layer_out = cache.layer_output.index_select(0, image)
+        if group.kind == "neuron":
+            flat = layer_out.view(len(group), -1)
+            rows = torch.arange(len(group), device=self.device)
+            index = group.index.to(self.device)
+            before, after = self._faulty_neurons(images, group, flat[rows, index])
+            flat[rows, index] = after.to(flat.dtype)
+        else:
+            before, after = self._weight_values(group)
+            _add_weight_delta(self.model.get_submodule(group.layer), layer_out,
+                              cache.layer_input.index_select(0, image),
+                              group.index.to(self.device), after - before)
+        externals = [value.index_select(0, image) for value in cache.externals]
+        logits = cut.suffix(layer_out, *externals).float()
+        return _outcomes(logits, cache.top1[image], before, after)
+
+    # -- exact fallbacks ----------------------------------------------------------------
+
+    def _run_with_hooks(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
+        """Full forward per trial batch; a hook changes the layer's output per batch element."""
+        site = self.sites[group.layer]
+        module = self.model.get_submodule(site.name)
+        golden_top1 = self.golden_top1(images)
+        if site.calls != 1:
+            raise ConfigError(f"{site.name} runs {site.calls} times per forward; a model that "
+                              "torch.fx cannot trace supports faults only in layers run once")
+        results = []
+        for part in torch.arange(len(group)).split(self.batch_size):
+            sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[part],
+                             group.bit[part], group.image[part])
+            captured: dict[str, torch.Tensor] = {}
+
+            def modify(_module, inputs, output, sub=sub, captured=captured):
+                rows = torch.arange(len(sub), device=output.device)
+                flat = output.view(len(sub), -1)
+                if sub.kind == "neuron":
+                    index = sub.index.to(output.device)
+                    before, after = self._faulty_neurons(images, sub, flat[rows, index])
+                    flat[rows, index] = after.to(flat.dtype)
+                else:
+                    before, after = self._weight_values(sub)
+                    _add_weight_delta(module, output, inputs[0], sub.index.to(output.device),
+                                      after - before)
+                captured["before"], captured["after"] = before, after
+                return output
+
+            handle = module.register_forward_hook(modify)
+            try:
+                logits = self.model(images[sub.image].to(self.device)).float()
+            finally:
+                handle.remove()
+            results.append(_outcomes(logits, golden_top1[sub.image.to(self.device)],
+                                     captured["before"], captured["after"]))
+        return Outcomes.cat(results)
+
+    def _run_weight_edits(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
+        """The weight edited in place for one forward over the images of each distinct fault."""
+        site = self.sites[group.layer]
+        weight = self.model.get_submodule(site.name).weight
+        before, after = self._weight_values(group)
+        golden_top1 = self.golden_top1(images)
+        faults = torch.stack([group.index, group.bit], dim=1)
+        distinct, which = torch.unique(faults, dim=0, return_inverse=True)
+        results, order = [], []
+        flat = weight.data.view(-1)
+        for fault in range(len(distinct)):
+            chosen = (which == fault).nonzero().flatten()
+            element = int(distinct[fault, 0])
+            original = flat[element].clone()
+            flat[element] = after[chosen[0]]
+            try:
+                logits = torch.cat([self.model(images[part].to(self.device)).float()
+                                    for part in group.image[chosen].split(self.batch_size)])
+            finally:
+                flat[element] = original
+            img = group.image[chosen].to(self.device)
+            results.append(_outcomes(logits, golden_top1[img], before[chosen], after[chosen]))
+            order.append(chosen)
+        return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))
+
+
+def _add_weight_delta(module: nn.Module, output: torch.Tensor, layer_input: torch.Tensor,
+                      index: torch.Tensor, delta: torch.Tensor) -> None:
+    """``output`` (one row per trial) += the change of one weight per trial, in place."""
+    rows = torch.arange(len(index), device=output.device)
+    if isinstance(module, nn.Linear):
+        out_unit, in_unit = index // module.in_features, index % module.in_features
+        x = layer_input.reshape(len(index), -1, module.in_features)[rows, :, in_unit]
+        view = output.view(len(index), -1, module.out_features)
+        view[rows, :, out_unit] += (delta[:, None] * x).to(output.dtype)
+        return
+    assert isinstance(module, nn.Conv2d)
+    out_c, in_per_group, kh, kw = module.weight.shape
+    o = index // (in_per_group * kh * kw)
+    rest = index % (in_per_group * kh * kw)
+    i, r = rest // (kh * kw), rest % (kh * kw)
+    ky, kx = r // kw, r % kw
+    channel = (o // (out_c // module.groups)) * in_per_group + i
+    ph, pw = module.padding
+    x = F.pad(layer_input[rows, channel], (pw, pw, ph, ph))  # [T, H + 2ph, W + 2pw]
+    h_out, w_out = output.shape[-2:]
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    ys = (ky * dh)[:, None] + sh * torch.arange(h_out, device=output.device)[None, :]
+    xs = (kx * dw)[:, None] + sw * torch.arange(w_out, device=output.device)[None, :]
+    patch = x[rows[:, None, None], ys[:, :, None], xs[:, None, :]]
+    output[rows, o] += (delta[:, None, None] * patch).to(output.dtype)
+
+
+def _outcomes(logits: torch.Tensor, golden_top1: torch.Tensor, before: torch.Tensor,
+              after: torch.Tensor) -> Outcomes:
+    non_finite = ~torch.isfinite(logits).all(dim=1)
+    has_nan = logits.isnan().any(dim=1)
+    faulty = torch.where(has_nan, -1, logits.nan_to_num(nan=-math.inf).argmax(dim=1))
+    return Outcomes(
+        faulty_top1=faulty.cpu(), golden_top1=golden_top1.cpu(),
+        sdc=(non_finite | (faulty != golden_top1)).cpu(), non_finite=non_finite.cpu(),
+        top2diff=top2diff(logits).cpu(), value_before=before.float().cpu(),
+        value_after=after.float().cpu(),
+    )
+
+
+def _empty_outcomes() -> Outcomes:
+    empty_i, empty_b, empty_f = (torch.empty(0, dtype=t) for t in
+                                 (torch.long, torch.bool, torch.float32))
+    return Outcomes(empty_i, empty_i, empty_b, empty_b, empty_f, empty_f, empty_f)
+
+
+def _reachable_from(starts: Sequence[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
+def _suffix_module(gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Node]
+                   ) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:
+    """A GraphModule computing the logits from ``cut``'s value and the *externals*: tensors from
+    before the cut, with a batch dimension, that the nodes depending on ``cut`` use (cached per
+    image). Constants (parameters, expressions of them) and non-tensor values from before the
+    cut (``x.shape[0]`` and friends, which must follow the trial batch) are recomputed inside."""
+    dependent = _reachable_from([cut])
+    copied: set[fx.Node] = {n for n in dependent if n is not cut}
+    externals: set[fx.Node] = set()
+    stack = [arg for n in copied for arg in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node is cut or node in copied or node in externals or node.op == "placeholder":
+            continue
+        if node in input_dependent and _is_tensor(node):
+            externals.add(node)
+        else:
+            copied.add(node)
+            stack.extend(node.all_input_nodes)
+    ordered_externals = tuple(n for n in gm.graph.nodes if n in externals)
+    graph = fx.Graph()
+    env: dict[fx.Node, object] = {cut: graph.placeholder("cut")}
+    for i, node in enumerate(ordered_externals):
+        env[node] = graph.placeholder(f"external_{i}")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node not in env:  # optional inputs: their defaults
+            env[node] = node.args[0] if node.args else None
+        elif node in copied:
+            if node.op == "output":
+                graph.output(fx.map_arg(node.args[0], env.__getitem__))
+            else:
+                env[node] = graph.node_copy(node, env.__getitem__)
+    graph.lint()
+    return fx.GraphModule(gm, graph), ordered_externals
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
+
+
+def _golden_module(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
+    """``gm`` returning ``(logits, *values of nodes)``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output((fx.map_arg(node.args[0], env.__getitem__), *[env[n] for n in nodes]))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    return fx.GraphModule(gm, graph)
