@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -95,14 +95,34 @@ class Outcomes:
         return Outcomes(**{f.name: getattr(self, f.name)[order] for f in fields(Outcomes)})
 
 
-@dataclass(frozen=True)
-class _GoldenCache:
-    """Golden values of one image chunk, one row per image."""
+class _GoldenLogits:
+    """Golden logits and final-layer inputs, with per-column summaries of the *other* columns:
+    what a change to one logit is compared against."""
 
-    top1: torch.Tensor
-    layer_output: torch.Tensor
-    externals: list[torch.Tensor]
-    layer_input: torch.Tensor | None
+    def __init__(self, logits: torch.Tensor, inputs: torch.Tensor) -> None:
+        self.logits, self.inputs = logits, inputs
+        self.top1 = logits.argmax(dim=1)
+        g = logits.double()
+        k = min(3, g.shape[1])
+        values, indices = g.topk(k, dim=1)
+        pad = values.new_full((g.shape[0], 3 - k), -math.inf)
+        self._values = torch.cat([values, pad], dim=1)
+        self._indices = torch.cat([indices, indices.new_full((g.shape[0], 3 - k), -1)], dim=1)
+        self.row_max = self._values[:, 0]
+        exp = torch.exp(g - self.row_max[:, None])
+        self._exp, self._exp_sum = exp, exp.sum(dim=1, keepdim=True)
+
+    def others(self, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """For each column ``o`` (shape [K]) and image: the best other logit, its index, the
+        second best other, and sum_{c != o} exp(logit_c - row_max). Each [K, N]."""
+        v, i = self._values.T[:, None, :], self._indices.T[:, None, :]  # [3, 1, N]
+        o = columns[:, None]
+        is_first, is_second = (i[0] == o), (i[1] == o)
+        best = torch.where(is_first, v[1], v[0])
+        best_index = torch.where(is_first, i[1], i[0])
+        second = torch.where(is_first | is_second, v[2], v[1])
+        rest = (self._exp_sum - self._exp)[:, columns].T
+        return best, best_index, second, rest
 
 
 @dataclass(frozen=True)
@@ -198,33 +218,131 @@ class Engine:
 
     def run(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
         """Outcomes of every trial in ``group`` (each on its own image of ``images``)."""
-        site = self._site(group)
-        if len(group) == 0:
-            return _empty_outcomes()
-        if group.image.min() < 0 or group.image.max() >= len(images):
-            raise ConfigError(f"trial image indices must lie in 0..{len(images) - 1}")
-        limit = site.weight_elements if group.kind == "weight" else site.neuron_elements
-        if group.index.min() < 0 or group.index.max() >= limit:
-            raise ConfigError(f"{group.kind} index outside the {limit:,} sites of {site.name}")
-        with torch.no_grad(), eval_mode(self.model):
-            if group.kind == "weight" and not self._weight_delta_applies(site):
-                return self._run_weight_edits(images, group)
-            if self.mode == "hooks":
-                return self._run_with_hooks(images, group)
-            return self._run_suffix(images, group)
+        return self.run_many(images, [group])[0]
 
     def run_many(self, images: torch.Tensor, groups: Sequence[TrialGroup]) -> list[Outcomes]:
-        return [self.run(images, group) for group in groups]
+        """Outcomes per group. One golden pass per image chunk serves every group."""
+        for group in groups:
+            self._validate(images, group)
+        results: list[Outcomes | None] = [None] * len(groups)
+        suffix_work = []
+        with torch.no_grad(), eval_mode(self.model):
+            for position, group in enumerate(groups):
+                site = self.sites[group.layer]
+                if len(group) == 0:
+                    results[position] = _empty_outcomes()
+                elif group.kind == "weight" and not self._weight_delta_applies(site):
+                    results[position] = self._run_weight_edits(images, group)
+                elif self.mode == "hooks":
+                    results[position] = self._run_with_hooks(images, group)
+                else:
+                    suffix_work.append((position, group))
+            if suffix_work:
+                for position, outcome in self._run_suffixes(images, suffix_work):
+                    results[position] = outcome
+        return results  # type: ignore[return-value]
+
+    def sweep_layer(
+        self,
+        images: torch.Tensor,
+        layer: str,
+        fmt: str,
+        bits: Sequence[int] | None = None,
+        weights_per_chunk: int = 64,
+    ) -> Iterator[tuple[TrialGroup, Outcomes]]:
+        """Every weight x bit x image of ``layer``, exhaustively, in chunks of weights.
+
+        Where the layer is a Linear whose output is the model's output (a plain final
+        classifier), no forward runs at all: one weight changes one logit by ``(w' - w) * x_i``,
+        and the outcome follows from the golden logits (``analytic``). Other layers go through
+        the suffix path with large batches.
+        """
+        site = self.sites[layer]
+        bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
+        images_n = len(images)
+        analytic = self._final_linear(layer)
+        if analytic:
+            with torch.no_grad(), eval_mode(self.model):
+                node = self._calls[layer][0]
+                output, layer_input = self._golden_module((node.args[0],))(images.to(self.device))
+            golden = _GoldenLogits(output.float(), layer_input.reshape(images_n, -1))
+        for start in range(0, site.weight_elements, weights_per_chunk):
+            weights = torch.arange(start, min(start + weights_per_chunk, site.weight_elements))
+            per_weight = len(bit_list) * images_n
+            group = TrialGroup(
+                "weight", layer, fmt, weights.repeat_interleave(per_weight),
+                bit_list.repeat_interleave(images_n).repeat(len(weights)),
+                torch.arange(images_n).repeat(len(weights) * len(bit_list)))
+            if analytic:
+                yield group, self._analytic_final_linear(group, golden, len(bit_list))
+            else:
+                yield group, self.run(images, group)
 
     # ------------------------------------------------------------------------------ internals
 
-    def _site(self, group: TrialGroup) -> LayerSite:
+    def _final_linear(self, layer: str) -> bool:
+        """Whether ``layer`` is a Linear, run once, whose output is returned as the logits."""
+        if self.mode != "suffix" or not isinstance(self.model.get_submodule(layer), nn.Linear):
+            return False
+        if self.sites[layer].calls != 1:
+            return False
+        cut = self._cut(layer, 0)
+        ops = [n.op for n in cut.suffix.graph.nodes]
+        return ops == ["placeholder", "output"] and not cut.externals
+
+    def _analytic_final_linear(self, group: TrialGroup, golden: _GoldenLogits,
+                               n_bits: int) -> Outcomes:
+        weight = self.model.get_submodule(group.layer).weight.detach()
+        in_features = weight.shape[1]
+        n_images = golden.logits.shape[0]
+        index = group.index.view(-1, n_bits, n_images)[:, 0, 0].to(self.device)  # [K]
+        bits = group.bit.view(-1, n_bits, n_images)[0, :, 0].to(self.device)  # [B]
+        scale = int8_scale(weight) if group.fmt == "int8" else None
+        before = weight.reshape(-1)[index][:, None].expand(-1, n_bits)  # [K, B]
+        after = flip(before.contiguous(), bits[None, :].expand_as(before), group.fmt, scale)
+        delta = after - before
+        out_unit, in_unit = index // in_features, index % in_features
+        g, x = golden.logits, golden.inputs.float()
+        # In the model's float32, so that overflow to Inf happens where the forward's would.
+        value = (g[:, out_unit].T[:, None, :] + delta[:, :, None] * x[:, in_unit].T[:, None, :]
+                 ).double()
+        # Best other logit, its index, second best other, sum of exp over the others: [K, 1, N].
+        m1, i1, m2, rest = (t[:, None, :] for t in golden.others(out_unit))
+        column = out_unit[:, None, None]
+        top1 = torch.where(value > m1, column,
+                           torch.where(value == m1, torch.minimum(column, i1), i1))
+        finite = torch.isfinite(value)
+        top1 = torch.where(value.isnan(), -1, top1)
+        t1 = torch.maximum(value, m1)
+        t2 = torch.where(value >= m1, m1, torch.maximum(value, m2))
+        shift = golden.row_max[None, None, :] - t1
+        denominator = torch.exp(value - t1) + rest * torch.exp(shift)
+        margin = (1 - torch.exp(t2 - t1)) / denominator * 100
+        golden_top1 = golden.top1[None, None, :].expand_as(top1)
+        non_finite = ~finite
+        return Outcomes(
+            faulty_top1=top1.reshape(-1).cpu(), golden_top1=golden_top1.reshape(-1).cpu(),
+            sdc=(non_finite | (top1 != golden_top1)).reshape(-1).cpu(),
+            non_finite=non_finite.reshape(-1).cpu(),
+            top2diff=torch.where(finite, margin, torch.nan).float().reshape(-1).cpu(),
+            value_before=before[:, :, None].expand_as(value).float().reshape(-1).cpu(),
+            value_after=after[:, :, None].expand_as(value).float().reshape(-1).cpu(),
+        )
+
+
+    def _validate(self, images: torch.Tensor, group: TrialGroup) -> None:
         if group.layer not in self.sites:
             raise ConfigError(f"no injectable layer {group.layer!r}; see campaign.sites")
         site = self.sites[group.layer]
         if group.kind == "neuron" and not site.output_shapes:
             raise ConfigError(f"{group.layer} has no neuron sites: {site.neuron_note}")
-        return site
+        if len(group) == 0:
+            return
+        if group.image.min() < 0 or group.image.max() >= len(images):
+            raise ConfigError(f"trial image indices must lie in 0..{len(images) - 1}")
+        limit = site.weight_elements if group.kind == "weight" else site.neuron_elements
+        if group.index.min() < 0 or group.index.max() >= limit:
+            raise ConfigError(f"{group.kind} index outside the {limit:,} sites of {site.name}")
 
     def _weight_delta_applies(self, site: LayerSite) -> bool:
         module = self.model.get_submodule(site.name)
@@ -268,17 +386,43 @@ class Engine:
             self._cuts[key] = _Cut(node, suffix, externals)
         return self._cuts[key]
 
-    def _run_suffix(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
-        site = self.sites[group.layer]
-        calls, offsets = self._neuron_calls(site, group)
-        parts, order = [], []
-        for call in calls.unique().tolist():
-            chosen = (calls == call).nonzero().flatten()
-            sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[chosen] -
-                             offsets[chosen], group.bit[chosen], group.image[chosen])
-            parts.append(self._run_cut(images, sub, self._cut(site.name, call)))
-            order.append(chosen)
-        return Outcomes.cat(parts).select(torch.argsort(torch.cat(order)))
+    def _run_suffixes(self, images: torch.Tensor, work: list[tuple[int, TrialGroup]]
+                      ) -> list[tuple[int, Outcomes]]:
+        """All suffix-path groups: image chunk by image chunk (one golden pass each, the cache
+        bounded by ``cache_bytes``), then trial batch by trial batch."""
+        plans = []  # (position, trial positions in group, sub-group, cut)
+        for position, group in work:
+            calls, offsets = self._neuron_calls(self.sites[group.layer], group)
+            for call in calls.unique().tolist():
+                chosen = (calls == call).nonzero().flatten()
+                sub = TrialGroup(group.kind, group.layer, group.fmt,
+                                 group.index[chosen] - offsets[chosen], group.bit[chosen],
+                                 group.image[chosen])
+                plans.append((position, chosen, sub, self._cut(group.layer, call)))
+        wanted = tuple(dict.fromkeys(
+            node for _, _, sub, cut in plans
+            for node in (cut.node, *cut.externals,
+                         *((cut.node.args[0],) if sub.kind == "weight" else ()))))
+        chunk = max(1, min(len(images), self.cache_bytes // self._cache_cost(images, wanted)))
+        parts: dict[int, list[tuple[torch.Tensor, Outcomes]]] = defaultdict(list)
+        for start in range(0, len(images), chunk):
+            output, *values = self._golden_module(wanted)(
+                images[start:start + chunk].to(self.device))
+            cache = dict(zip(wanted, values, strict=True))
+            top1 = output.float().argmax(dim=1)
+            for position, chosen, sub, cut in plans:
+                in_chunk = ((sub.image >= start) & (sub.image < start + chunk)).nonzero().flatten()
+                for part in in_chunk.split(self.batch_size):
+                    batch = TrialGroup(sub.kind, sub.layer, sub.fmt, sub.index[part],
+                                       sub.bit[part], sub.image[part] - start)
+                    parts[position].append((chosen[part],
+                                            self._evaluate(images, batch, cut, cache, top1)))
+        results = []
+        for position, pieces in parts.items():
+            order = torch.cat([p[0] for p in pieces])
+            results.append((position, Outcomes.cat([p[1] for p in pieces])
+                            .select(torch.argsort(order))))
+        return results
 
     def _neuron_calls(self, site: LayerSite, group: TrialGroup
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,29 +433,6 @@ class Engine:
         starts = torch.cumsum(sizes, 0) - sizes
         calls = torch.bucketize(group.index, torch.cumsum(sizes, 0), right=True)
         return calls, starts[calls]
-
-    def _run_cut(self, images: torch.Tensor, group: TrialGroup, cut: _Cut) -> Outcomes:
-        """Image chunk by image chunk (bounded cache), trial batch by trial batch."""
-        wanted = (cut.node, *cut.externals) + ((cut.node.args[0],) if group.kind == "weight"
-                                              else ())
-        chunk = max(1, min(len(images), self.cache_bytes // self._cache_cost(images, wanted)))
-        results: list[Outcomes] = []
-        order: list[torch.Tensor] = []
-        for start in range(0, len(images), chunk):
-            in_chunk = ((group.image >= start) & (group.image < start + chunk)).nonzero().flatten()
-            if len(in_chunk) == 0:
-                continue
-            output, *values = self._golden_module(wanted)(images[start:start + chunk]
-                                                          .to(self.device))
-            cache = _GoldenCache(top1=output.float().argmax(dim=1), layer_output=values[0],
-                                 externals=values[1:1 + len(cut.externals)],
-                                 layer_input=values[-1] if group.kind == "weight" else None)
-            for part in in_chunk.split(self.batch_size):
-                sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[part],
-                                 group.bit[part], group.image[part] - start)
-                results.append(self._evaluate(images, sub, cut, cache))
-                order.append(part)
-        return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))
 
     def _golden_module(self, nodes: tuple[fx.Node, ...]) -> fx.GraphModule:
         if nodes not in self._golden_modules:
@@ -327,9 +448,9 @@ class Engine:
         return self._bytes_per_image[nodes]
 
     def _evaluate(self, images: torch.Tensor, group: TrialGroup, cut: _Cut,
-                  cache: _GoldenCache) -> Outcomes:
+                  cache: dict[fx.Node, torch.Tensor], golden_top1: torch.Tensor) -> Outcomes:
         image = group.image.to(self.device)
-        layer_out = cache.layer_output.index_select(0, image)
+        layer_out = cache[cut.node].index_select(0, image)
         if group.kind == "neuron":
             flat = layer_out.view(len(group), -1)
             rows = torch.arange(len(group), device=self.device)
@@ -339,11 +460,11 @@ class Engine:
         else:
             before, after = self._weight_values(group)
             _add_weight_delta(self.model.get_submodule(group.layer), layer_out,
-                              cache.layer_input.index_select(0, image),
+                              cache[cut.node.args[0]].index_select(0, image),
                               group.index.to(self.device), after - before)
-        externals = [value.index_select(0, image) for value in cache.externals]
+        externals = [cache[node].index_select(0, image) for node in cut.externals]
         logits = cut.suffix(layer_out, *externals).float()
-        return _outcomes(logits, cache.top1[image], before, after)
+        return _outcomes(logits, golden_top1[image], before, after)
 
     # -- exact fallbacks ----------------------------------------------------------------
 
