@@ -412,6 +412,8 @@ class Engine:
             top1 = output.float().argmax(dim=1)
             for position, chosen, sub, cut in plans:
                 in_chunk = ((sub.image >= start) & (sub.image < start + chunk)).nonzero().flatten()
+                if len(in_chunk) == 0:
+                    continue
                 for part in in_chunk.split(self.batch_size):
                     batch = TrialGroup(sub.kind, sub.layer, sub.fmt, sub.index[part],
                                        sub.bit[part], sub.image[part] - start)

@@ -1,0 +1,396 @@
+"""The batched engine against the pytorchfi reference and against injections made by hand."""
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from bitstorm.errors import ConfigError
+from campaign.bits import FORMATS, flip
+from campaign.engine import Engine, Outcomes, TrialGroup
+from campaign.reference import Trial, reference_logits
+from trainers.models import build_model
+
+from .test_sites import SharedConv
+
+# A disagreement with the reference is accepted only as a floating-point near-tie: the
+# reference's top-2 logit gap is below this fraction of its largest |logit| (the engine adds a
+# delta to golden values where the reference recomputes the sum, so roundings differ).
+NEAR_TIE = 1e-4
+
+
+@dataclass
+class Disagreement:
+    trial: Trial
+    image: int
+    engine_top1: int
+    reference_top1: int
+    reference_gap: float
+    scale: float
+
+    @property
+    def near_tie(self) -> bool:
+        return self.reference_gap <= NEAR_TIE * max(self.scale, 1e-30)
+
+
+def _models():
+    torch.manual_seed(0)
+    small = torch.randn(8, 3, 32, 32)
+    return {
+        "resnet18": (torchvision.models.resnet18(num_classes=10), small),
+        "mobilenet_v2": (torchvision.models.mobilenet_v2(num_classes=10), small),
+        "vgg11_bn": (torchvision.models.vgg11_bn(num_classes=10), small),
+        "deit_tiny": (
+            timm.create_model("deit_tiny_patch16_224", num_classes=10),
+            torch.randn(3, 3, 224, 224),
+        ),
+        "resnet18_text": (build_model("resnet18", "text", 10, torch.randn(10, 32)), small),
+    }
+
+
+def _compare(model, images, count, seed):
+    """Random trials (both kinds, all formats, Conv2d/Linear layers) through both evaluators."""
+    model.eval()
+    engine = Engine(model, images[:1], device="cpu")
+    rng = random.Random(seed)
+    layers = [
+        s
+        for s in engine.sites.values()
+        if s.calls == 1 and isinstance(model.get_submodule(s.name), nn.Conv2d | nn.Linear)
+    ]
+    scales = {k: v / 127 for k, v in engine.profile(images, [s.name for s in layers]).items()}
+    trials, groups = [], []
+    for i in range(count):
+        site = rng.choice(layers)
+        kind, fmt = ("weight", "neuron")[i % 2], list(FORMATS)[(i // 2) % 4]
+        size = site.weight_elements if kind == "weight" else site.neuron_elements
+        trial = Trial(kind, site.name, rng.randrange(size), rng.randrange(FORMATS[fmt].width), fmt)
+        image = rng.randrange(len(images))
+        trials.append((trial, image))
+        groups.append(
+            TrialGroup(
+                kind,
+                site.name,
+                fmt,
+                torch.tensor([trial.index]),
+                torch.tensor([trial.bit]),
+                torch.tensor([image]),
+            )
+        )
+    outcomes = engine.run_many(images, groups)
+    disagreements = []
+    for (trial, image), outcome in zip(trials, outcomes, strict=True):
+        ref = reference_logits(model, images[image : image + 1], [trial], neuron_scales=scales)[
+            0, 0
+        ]
+        ref_non_finite = not bool(torch.isfinite(ref).all())
+        ref_top1 = -1 if ref.isnan().any() else int(ref.nan_to_num(nan=-math.inf).argmax())
+        agree = (bool(outcome.non_finite[0]) == ref_non_finite) and (
+            ref_non_finite or int(outcome.faulty_top1[0]) == ref_top1
+        )
+        if not agree:
+            finite = ref[torch.isfinite(ref)]
+            top2 = finite.topk(2).values if len(finite) > 1 else torch.zeros(2)
+            disagreements.append(
+                Disagreement(
+                    trial,
+                    image,
+                    int(outcome.faulty_top1[0]),
+                    ref_top1,
+                    float(top2[0] - top2[1]),
+                    float(finite.abs().max()) if len(finite) else math.inf,
+                )
+            )
+    return disagreements
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "vgg11_bn", "deit_tiny", "resnet18_text"]
+)
+def test_engine_agrees_with_the_pytorchfi_reference(name):
+    model, images = _models()[name]
+    disagreements = _compare(
+        model, images, count=24 if name in ("vgg11_bn", "deit_tiny") else 48, seed=1
+    )
+    assert all(d.near_tie for d in disagreements), disagreements
+
+
+@pytest.mark.slow
+def test_engine_agrees_on_ten_thousand_trials():
+    """>= 1e4 trials over five models: >= 99.9% equal top-1, the rest listed near-ties."""
+    counts = {
+        "resnet18": 3000,
+        "mobilenet_v2": 2500,
+        "resnet18_text": 2500,
+        "deit_tiny": 1500,
+        "vgg11_bn": 500,
+    }
+    models = _models()
+    disagreements, total = [], 0
+    for name, count in counts.items():
+        found = _compare(*models[name], count=count, seed=7)
+        disagreements += [(name, d) for d in found]
+        total += count
+    for name, d in disagreements:
+        print(f"{name}: {d}")  # the list the issue asks for (pytest -s shows it)
+    assert total >= 10_000
+    assert len(disagreements) <= total * 0.001
+    assert all(d.near_tie for _, d in disagreements)
+
+
+def _manual_neuron(model, images, layer, index, bit, fmt, call=0):
+    """The faulty logits with a plain hook flipping one element of one call's output."""
+    faulty = copy.deepcopy(model).eval()
+    calls = {"n": 0}
+
+    def hook(_module, _inputs, output):
+        if calls["n"] == call:
+            flat = output.view(len(output), -1)
+            flat[:, index] = flip(flat[:, index].clone(), bit, fmt)
+        calls["n"] += 1
+
+    faulty.get_submodule(layer).register_forward_hook(hook)
+    with torch.no_grad():
+        return faulty(images)
+
+
+def _manual_weight(model, images, layer, index, bit, fmt):
+    faulty = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        flat = faulty.get_submodule(layer).weight.view(-1)
+        flat[index] = flip(flat[index].clone(), bit, fmt)
+        return faulty(images)
+
+
+def _top1(logits: torch.Tensor) -> int:
+    """Top-1 with the engine's convention: -1 when a logit is NaN."""
+    return -1 if bool(logits.isnan().any()) else int(logits.argmax())
+
+
+def _single(kind, layer, index, bit, image, fmt="fp32"):
+    return TrialGroup(
+        kind, layer, fmt, torch.tensor([index]), torch.tensor([bit]), torch.tensor([image])
+    )
+
+
+def test_reused_module_is_addressed_per_call():
+    torch.manual_seed(0)
+    model = SharedConv().eval()
+    images = torch.randn(4, 4, 16, 16)
+    engine = Engine(model, images[:1], device="cpu")
+    first = 4 * 16 * 16
+    for index, call, local in [(37, 0, 37), (first + 21, 1, 21)]:
+        out = engine.run(images, _single("neuron", "conv", index, 30, 2))
+        expected = _manual_neuron(model, images[2:3], "conv", local, 30, "fp32", call=call)
+        assert int(out.faulty_top1[0]) == _top1(expected)
+        assert torch.equal(out.value_after, flip(out.value_before, 30, "fp32"))
+    # A weight of a reused module is one memory location: every call sees the fault.
+    out = engine.run(images, _single("weight", "conv", 5, 30, 1))
+    expected = _manual_weight(model, images[1:2], "conv", 5, 30, "fp32")
+    assert int(out.faulty_top1[0]) == _top1(expected)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x.relu()
+        return self.fc(x.flatten(1))
+
+
+def test_models_fx_cannot_trace_use_hooks_and_say_so(caplog):
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    images = torch.randn(6, 3, 8, 8)
+    engine = Engine(model, images[:1], device="cpu")
+    assert engine.mode == "hooks" and "falling back to hooks" in caplog.text
+    for kind, layer, index in [
+        ("neuron", "conv", 100),
+        ("weight", "conv", 17),
+        ("weight", "fc", 33),
+    ]:
+        for image in range(len(images)):
+            out = engine.run(images, _single(kind, layer, index, 29, image))
+            manual = (_manual_neuron if kind == "neuron" else _manual_weight)(
+                model, images[image : image + 1], layer, index, 29, "fp32"
+            )
+            assert int(out.faulty_top1[0]) == _top1(manual)
+
+
+def test_attention_projection_weights_use_in_place_edits():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        image_size=32,
+        patch_size=16,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=4,
+    ).eval()
+    images = torch.randn(3, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu")
+    layer = "encoder.layers.encoder_layer_0.self_attention.out_proj"
+    with pytest.raises(ConfigError, match="no neuron sites"):
+        engine.run(images, _single("neuron", layer, 0, 3, 0))
+    group = TrialGroup(
+        "weight",
+        layer,
+        "fp32",
+        torch.tensor([5, 5, 200]),
+        torch.tensor([30, 30, 31]),
+        torch.tensor([0, 2, 1]),
+    )
+    out = engine.run(images, group)
+    for t in range(3):
+        image = int(group.image[t])
+        manual = _manual_weight(
+            model, images[image : image + 1], layer, int(group.index[t]), int(group.bit[t]), "fp32"
+        )
+        assert int(out.faulty_top1[t]) == _top1(manual)
+
+
+def test_non_finite_values_give_a_defined_outcome():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+        model[0].bias.copy_(torch.tensor([1.5, 0.2, 0.1]))
+    images = torch.randn(2, 4)
+    engine = Engine(model, images[:1], device="cpu")
+    # 1.5 is 0x3FC00000; flipping bit 30 sets the exponent to all ones with a mantissa: NaN.
+    out = engine.run(images, _single("neuron", "0", 0, 30, 1))
+    assert out.value_after.isnan().all() and out.non_finite.all() and out.sdc.all()
+    assert int(out.faulty_top1[0]) == -1 and out.top2diff.isnan().all()
+    # Weight 0 is 0.0; bit 30 makes it 2.0, a finite change that may or may not flip the class.
+    out = engine.run(images, _single("weight", "0", 0, 30, 0))
+    assert not out.non_finite.any() and float(out.value_after[0]) == 2.0
+
+
+def test_clamp_limits_the_flipped_activation_to_the_profiled_range():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(4, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu", clamp=True)
+    peak = engine.profile(images, ["layer2.0.conv1"])["layer2.0.conv1"]
+    out = engine.run(
+        images,
+        TrialGroup(
+            "neuron",
+            "layer2.0.conv1",
+            "fp32",
+            torch.tensor([10, 11, 12]),
+            torch.tensor([30, 30, 31]),
+            torch.tensor([0, 1, 2]),
+        ),
+    )
+    assert (out.value_after.abs() <= peak + 1e-6).all() and out.value_after.isfinite().all()
+
+
+def test_small_cache_budget_gives_the_same_outcomes():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(16, 3, 32, 32)
+    gen = torch.Generator().manual_seed(3)
+    groups = [
+        TrialGroup(
+            kind,
+            layer,
+            fmt,
+            torch.randint(0, 4096, (40,), generator=gen),
+            torch.randint(0, 8, (40,), generator=gen),
+            torch.randint(0, 16, (40,), generator=gen),
+        )
+        for kind, layer, fmt in [
+            ("neuron", "layer1.0.conv2", "fp16"),
+            ("weight", "layer3.1.conv1", "int8"),
+            ("neuron", "fc", "bf16"),
+        ]
+        for _ in [0]
+    ]
+    groups[2] = TrialGroup(
+        "neuron",
+        "fc",
+        "bf16",
+        torch.randint(0, 10, (40,), generator=gen),
+        torch.randint(0, 16, (40,), generator=gen),
+        torch.randint(0, 16, (40,), generator=gen),
+    )
+    roomy = Engine(model, images[:1], device="cpu").run_many(images, groups)
+    tight_engine = Engine(model, images[:1], device="cpu", cache_bytes=50_000, batch_size=7)
+    tight = tight_engine.run_many(images, groups)
+    for a, b in zip(roomy, tight, strict=True):
+        assert torch.equal(a.faulty_top1, b.faulty_top1) and torch.equal(a.sdc, b.sdc)
+        torch.testing.assert_close(a.top2diff, b.top2diff, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_last_layer_sweep_is_exhaustive_and_matches_the_suffix_path():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(6, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu")
+    assert engine._final_linear("fc") and not engine._final_linear("layer4.1.conv2")
+    parts = list(engine.sweep_layer(images, "fc", "fp32", weights_per_chunk=1024))
+    assert sum(len(group) for group, _ in parts) == 10 * 512 * 32 * 6
+    group, analytic = parts[2]
+    assert set(group.bit.tolist()) == set(range(32)) and set(group.image.tolist()) == set(range(6))
+    generic = engine.run(images, group)
+    assert torch.equal(analytic.faulty_top1, generic.faulty_top1)
+    assert torch.equal(analytic.sdc, generic.sdc)
+    finite = ~generic.non_finite
+    torch.testing.assert_close(
+        analytic.top2diff[finite], generic.top2diff[finite], rtol=0, atol=1e-3
+    )
+    assert analytic.sdc.any() and not analytic.sdc.all()
+
+
+def test_outcomes_are_consistent():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(8, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu")
+    group = TrialGroup(
+        "neuron",
+        "layer4.0.conv1",
+        "fp32",
+        torch.arange(64),
+        torch.full((64,), 30),
+        torch.arange(64) % 8,
+    )
+    out = engine.run(images, group)
+    golden = engine.golden(images).argmax(dim=1)
+    assert torch.equal(out.golden_top1, golden[group.image])
+    assert torch.equal(out.sdc, out.non_finite | (out.faulty_top1 != out.golden_top1))
+    assert isinstance(out, Outcomes) and len(out.sdc) == 64
+
+
+def test_invalid_trials_are_refused():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu")
+    with pytest.raises(ConfigError, match="no injectable layer"):
+        engine.run(images, _single("neuron", "layer9", 0, 0, 0))
+    with pytest.raises(ConfigError, match="index outside"):
+        engine.run(images, _single("weight", "fc", 5120, 0, 0))
+    with pytest.raises(ConfigError, match="image indices"):
+        engine.run(images, _single("neuron", "fc", 0, 0, 2))
+    with pytest.raises(ConfigError, match=r"0\.\.15"):
+        _single("neuron", "fc", 0, 16, 0, fmt="bf16")
+    with pytest.raises(ConfigError, match="one entry per trial"):
+        TrialGroup(
+            "neuron", "fc", "fp32", torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])
+        )
