@@ -70,7 +70,7 @@ def reference_logits(
             site = _site(sites, trial)
             module = model.get_submodule(trial.layer)
             if type(module) not in injectors:
-                injectors[type(module)] = _BitFlipInjector(model, images, type(module))
+                injectors[type(module)] = _BitFlipInjector(model, images, [type(module)])
             injector = injectors[type(module)]
             if trial.kind == "weight":
                 corrupted = injector.corrupt_weight(module, site, trial)
@@ -81,7 +81,9 @@ def reference_logits(
                         peak = activation_peaks(model, images, [trial.layer])[trial.layer]
                         scales[trial.layer] = peak / 127
                     scale = scales[trial.layer]
-                corrupted = injector.corrupt_neuron(module, site, trial, scale)
+                corrupted = injector.corrupt_neurons(
+                    [(b, module, site, trial, scale) for b in range(len(images))]
+                )
             outputs.append(corrupted(images))
     return torch.stack(outputs)
 
@@ -113,17 +115,19 @@ class _BitFlipInjector(core.fault_injection):
     deep-copies the model per trial, as pytorchfi intends.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, layer_type: type[nn.Module]):
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, layer_types: Sequence[type[nn.Module]]
+    ):
         self._model = model
         self._images = images
-        self._trial: Trial | None = None
-        self._location: tuple[int, ...] = ()
-        self._scale: float | None = None
+        # Per batch element: (layer number, location, bit, format, int8 scale).
+        self._faults: dict[int, tuple[int, tuple[int, ...], int, str, float | None]] = {}
+        self._numbers: dict[nn.Module, int] | None = None
         super().__init__(
             model,
             batch_size=len(images),
             input_shape=list(images.shape[1:]),
-            layer_types=[layer_type],
+            layer_types=list(layer_types),
             use_cuda=images.is_cuda,
         )
 
@@ -152,53 +156,88 @@ class _BitFlipInjector(core.fault_injection):
             dim3=[padded[3]],
         )
 
-    def corrupt_neuron(
-        self, module: nn.Module, site: LayerSite, trial: Trial, scale: float | None
+    def corrupt_neurons(
+        self, faults: Sequence[tuple[int, nn.Module, LayerSite, Trial, float | None]]
     ) -> nn.Module:
-        _, location = site.locate_neuron(trial.index)
-        if len(location) > 3:
-            raise ConfigError(
-                f"pytorchfi addresses outputs of at most 4 dimensions; {trial.layer}'s outputs "
-                f"have {len(location) + 1}, which the reference cannot inject into"
+        """A model copy where batch element ``b`` gets ``trial`` for each ``(b, module, site,
+        trial, int8 scale)``: pytorchfi's one-fault-per-element mode."""
+        self._faults = {}
+        for batch_index, module, site, trial, scale in faults:
+            _, location = site.locate_neuron(trial.index)
+            if len(location) > 3:
+                raise ConfigError(
+                    f"pytorchfi addresses outputs of at most 4 dimensions; {trial.layer}'s "
+                    f"outputs have {len(location) + 1}, which the reference cannot inject into"
+                )
+            self._faults[batch_index] = (
+                self._neuron_layer_number(module),
+                location,
+                trial.bit,
+                trial.fmt,
+                scale,
             )
-        self._trial, self._location, self._scale = trial, location, scale
-        padded = (*location, *([None] * (3 - len(location))))
-        batch = len(self._images)
-        layer = self._neuron_layer_number(module)
+        padded = {b: (*f[1], *([None] * (3 - len(f[1])))) for b, f in self._faults.items()}
+        batches = list(self._faults)
         return self.declare_neuron_fi(
             function=self._flip_output,
-            batch=list(range(batch)),
-            layer_num=[layer] * batch,
-            dim1=[padded[0]] * batch,
-            dim2=[padded[1]] * batch,
-            dim3=[padded[2]] * batch,
+            batch=batches,
+            layer_num=[self._faults[b][0] for b in batches],
+            dim1=[padded[b][0] for b in batches],
+            dim2=[padded[b][1] for b in batches],
+            dim3=[padded[b][2] for b in batches],
         )
 
     def _neuron_layer_number(self, module: nn.Module) -> int:
         """pytorchfi's neuron layer number of ``module``: its place in hook call order."""
-        leaves = {
-            name: m
-            for name, m in self._model.named_modules()
-            if not list(m.children()) and isinstance(m, tuple(self.get_inj_layer_types()))
-        }
-        order: list[nn.Module] = []
-        with hooked_outputs(leaves, lambda name, _out: order.append(leaves[name])):
-            self._model(self._images[:1])
-        assert len(order) == self.get_total_layers(), "pytorchfi saw other layers than we did"
-        return _position(order, module)
+        if self._numbers is None:
+            leaves = {
+                name: m
+                for name, m in self._model.named_modules()
+                if not list(m.children()) and isinstance(m, tuple(self.get_inj_layer_types()))
+            }
+            order: list[nn.Module] = []
+            with hooked_outputs(leaves, lambda name, _out: order.append(leaves[name])):
+                self._model(self._images[:1])
+            assert len(order) == self.get_total_layers(), "pytorchfi saw other layers than we did"
+            self._numbers = {m: _position(order, m) for m in order}
+        return self._numbers[module]
 
     def _flip_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        """pytorchfi neuron hook: flip the declared element of each batch element's output."""
-        assert self._trial is not None
-        if self.get_current_layer() in self.corrupt_layer:
-            for batch_index in self.corrupt_batch:
-                element = (batch_index, *self._location)
-                output[element] = flip(
-                    output[element], self._trial.bit, self._trial.fmt, self._scale
-                )
+        """pytorchfi neuron hook: flip each batch element's declared element in this layer."""
+        layer = self.get_current_layer()
+        for batch_index, (number, location, bit, fmt, scale) in self._faults.items():
+            if number == layer:
+                element = (batch_index, *location)
+                output[element] = flip(output[element], bit, fmt, scale)
         self.updateLayer()
         if self.get_current_layer() >= self.get_total_layers():
             self.reset_current_layer()
+
+
+class PytorchfiBatched:
+    """pytorchfi 0.6.0 in its fastest use, the baseline of the benchmarks: one neuron fault per
+    batch element in one forward, or one weight fault applied to a whole batch of images."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        self.model = model.eval()
+        self.sites = {s.name: s for s in find_sites(model, images[:1], types="weighted")}
+        with torch.no_grad():
+            self.injector = _BitFlipInjector(model, images, (nn.Conv2d, nn.Linear))
+
+    def neuron_batch(self, images: torch.Tensor, trials: Sequence[Trial]) -> torch.Tensor:
+        """Logits ``[len(images), classes]``: trial ``i`` on image ``i``."""
+        faults = [
+            (i, self.model.get_submodule(t.layer), _site(self.sites, t), t, None)
+            for i, t in enumerate(trials)
+        ]
+        with torch.no_grad():
+            return self.injector.corrupt_neurons(faults)(images)
+
+    def weight_fault(self, images: torch.Tensor, trial: Trial) -> torch.Tensor:
+        """Logits ``[len(images), classes]`` of every image under one weight fault."""
+        module = self.model.get_submodule(trial.layer)
+        with torch.no_grad():
+            return self.injector.corrupt_weight(module, _site(self.sites, trial), trial)(images)
 
 
 def _position(modules: list[nn.Module], module: nn.Module) -> int:

@@ -1,0 +1,305 @@
+"""The batched engine against pytorchfi's best mode and a plain batched forward, in one run on
+one machine, on the same trials.
+
+    python benchmarks/engine.py [--model resnet18] [--image-size 32] [--images 256] [--device cpu]
+
+- weight faults: sampled uniformly over the weight fault space (every weight element and bit
+  equally likely); pytorchfi applies each fault to a batch of all images in one forward.
+- neuron faults: equal trials per layer (the paper's protocol); pytorchfi puts one fault on each
+  batch element of one forward.
+- last layer, exhaustively: every weight x bit x image of the final Linear (the engine needs no
+  forward there); pytorchfi's rate for it is its weight-mode rate above.
+
+The "bound" is what suffix-only evaluation can gain over a full-network method from arithmetic
+alone: 1 / (mean fraction of the network's FLOPs left after the faulty layer), weighted as the
+trials are. Prints a table, the top of a profile of the engine, and writes JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import platform
+import pstats
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bitstorm import __version__
+from bitstorm.atomic import write_json_atomic
+from campaign.engine import Engine, TrialGroup
+from campaign.reference import PytorchfiBatched, Trial
+from trainers.models import build_model
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def suffix_fractions(engine: Engine, images: torch.Tensor, layers: list[str]) -> dict[str, float]:
+    """FLOPs of each layer's suffix over the FLOPs of the whole network, for one image."""
+    one = images[:1].to(engine.device)
+    with torch.no_grad():
+        total = flops(lambda: engine.model(one))
+        fractions = {}
+        for layer in layers:
+            cut = engine._cut(layer, 0)
+            _, *values = engine._golden_module((cut.node, *cut.externals))(one)
+            fractions[layer] = flops(lambda cut=cut, values=values: cut.suffix(*values)) / total
+    return fractions
+
+
+def to_groups(trials: list[tuple[Trial, int]]) -> list[TrialGroup]:
+    by_key: dict[tuple[str, str, str], list[tuple[Trial, int]]] = {}
+    for trial, image in trials:
+        by_key.setdefault((trial.kind, trial.layer, trial.fmt), []).append((trial, image))
+    return [
+        TrialGroup(
+            kind,
+            layer,
+            fmt,
+            torch.tensor([t.index for t, _ in items]),
+            torch.tensor([t.bit for t, _ in items]),
+            torch.tensor([image for _, image in items]),
+        )
+        for (kind, layer, fmt), items in by_key.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--neuron-batches", type=int, default=16)
+    parser.add_argument("--weight-faults", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model = build_model(args.model, "linear", args.classes).to(device).eval()
+    images = torch.randn(args.images, 3, args.image_size, args.image_size, device=device)
+    engine = Engine(model, images[:1], device=device, batch_size=args.images)
+    layers = [
+        s
+        for s in engine.sites.values()
+        if s.calls == 1 and isinstance(model.get_submodule(s.name), nn.Conv2d | nn.Linear)
+    ]
+    final = layers[-1].name
+    baseline = PytorchfiBatched(model, images)
+
+    # Plain batched forward: the ceiling of any full-network method.
+    with torch.no_grad():
+        model(images)
+        plain_s = min(timed(lambda: model(images), device)[0] for _ in range(3))
+    plain_rate = args.images / plain_s
+
+    # Neuron faults, equal trials per layer; trial i of a batch on image i.
+    neuron_batches = [
+        [
+            (
+                Trial(
+                    "neuron",
+                    site.name,
+                    rng.randrange(site.neuron_elements),
+                    rng.randrange(32),
+                    "fp32",
+                ),
+                i,
+            )
+            for i, site in enumerate(rng.choice(layers) for _ in range(args.images))
+        ]
+        for _ in range(args.neuron_batches)
+    ]
+    pfi_neuron_s, pfi_neuron_logits = 0.0, []
+    for batch in neuron_batches:
+        seconds, logits = timed(
+            lambda b=batch: baseline.neuron_batch(images, [t for t, _ in b]), device
+        )
+        pfi_neuron_s += seconds
+        pfi_neuron_logits.append(logits)
+    neuron_trials = [t for batch in neuron_batches for t in batch]
+    neuron_groups = to_groups(neuron_trials)
+    engine.run_many(images, to_groups(neuron_trials[:64]))  # warm-up: traces and caches
+    engine_neuron_s, _ = timed(lambda: engine.run_many(images, neuron_groups), device)
+
+    # Weight faults uniform over the weight space; each on every image.
+    weights = [site.weight_elements for site in layers]
+    weight_faults = []
+    for _ in range(args.weight_faults):
+        site = rng.choices(layers, weights=weights)[0]
+        weight_faults.append(
+            Trial(
+                "weight", site.name, rng.randrange(site.weight_elements), rng.randrange(32), "fp32"
+            )
+        )
+    pfi_weight_s, pfi_weight_logits = 0.0, []
+    for fault in weight_faults:
+        seconds, logits = timed(lambda f=fault: baseline.weight_fault(images, f), device)
+        pfi_weight_s += seconds
+        pfi_weight_logits.append(logits)
+    weight_trials = [(fault, image) for fault in weight_faults for image in range(args.images)]
+    weight_groups = to_groups(weight_trials)
+    engine.run_many(images, to_groups(weight_trials[:64]))
+    engine_weight_s, _ = timed(lambda: engine.run_many(images, weight_groups), device)
+
+    # Agreement on these very trials (top-1, NaN counted as its own class).
+    def top1(logits: torch.Tensor) -> torch.Tensor:
+        return torch.where(
+            logits.isnan().any(dim=1), -1, logits.nan_to_num(nan=-float("inf")).argmax(dim=1)
+        )
+
+    neuron_out = engine.run_many(images, neuron_groups)
+    engine_top1 = {}
+    for group, out in zip(neuron_groups, neuron_out, strict=True):
+        for index, bit, image, faulty in zip(
+            group.index.tolist(),
+            group.bit.tolist(),
+            group.image.tolist(),
+            out.faulty_top1.tolist(),
+            strict=True,
+        ):
+            engine_top1[(group.layer, index, bit, image)] = faulty
+    agree = total = 0
+    for batch, logits in zip(neuron_batches, pfi_neuron_logits, strict=True):
+        for (trial, image), ref in zip(batch, top1(logits).tolist(), strict=True):
+            agree += engine_top1[(trial.layer, trial.index, trial.bit, image)] == ref
+            total += 1
+
+    # Last layer, exhaustively.
+    sweep_trials, sweep_s = 0, 0.0
+    start = time.perf_counter()
+    for group, _ in engine.sweep_layer(images, final, "fp32", weights_per_chunk=256):
+        sweep_trials += len(group)
+    sweep_s = time.perf_counter() - start
+
+    # Arithmetic bounds.
+    fractions = suffix_fractions(engine, images, [s.name for s in layers])
+    weight_bound = 1 / (sum(fractions[s.name] * s.weight_elements for s in layers) / sum(weights))
+    neuron_bound = 1 / (sum(fractions.values()) / len(fractions))
+
+    rows = []
+
+    def row(name, trials, seconds, reference_rate, bound=None):
+        rate = trials / seconds
+        rows.append(
+            {
+                "measure": name,
+                "trials": trials,
+                "seconds": seconds,
+                "trials_per_s": rate,
+                "vs_pytorchfi": rate / reference_rate,
+                "vs_plain_forward": rate / plain_rate,
+                "bound": bound,
+            }
+        )
+
+    pfi_neuron_rate = len(neuron_trials) / pfi_neuron_s
+    pfi_weight_rate = len(weight_trials) / pfi_weight_s
+    rows.append(
+        {
+            "measure": "plain batched forward (images/s)",
+            "trials": args.images,
+            "seconds": plain_s,
+            "trials_per_s": plain_rate,
+            "vs_pytorchfi": None,
+            "vs_plain_forward": 1.0,
+            "bound": None,
+        }
+    )
+    row(
+        "pytorchfi neuron, 1 fault per batch element",
+        len(neuron_trials),
+        pfi_neuron_s,
+        pfi_neuron_rate,
+    )
+    row("pytorchfi weight, 1 fault per batch", len(weight_trials), pfi_weight_s, pfi_weight_rate)
+    row(
+        "engine neuron, equal per layer",
+        len(neuron_trials),
+        engine_neuron_s,
+        pfi_neuron_rate,
+        neuron_bound,
+    )
+    row(
+        "engine weight, uniform over weights",
+        len(weight_trials),
+        engine_weight_s,
+        pfi_weight_rate,
+        weight_bound,
+    )
+    row(f"engine last layer ({final}) exhaustive", sweep_trials, sweep_s, pfi_weight_rate)
+
+    profile = cProfile.Profile()
+    profile.enable()
+    engine.run_many(images, neuron_groups)
+    profile.disable()
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(8)
+
+    print(
+        f"bitstorm {__version__}, torch {torch.__version__}, {args.model} at "
+        f"{args.image_size}x{args.image_size}, {args.classes} classes, {args.images} images, "
+        f"device {device}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'measure':<46}{'trials':>10}{'trials/s':>13}{'x pytorchfi':>13}{'x plain':>9}"
+        f"{'bound':>8}{'% of bound':>12}"
+    )
+    for r in rows:
+        vs_pfi = f"{r['vs_pytorchfi']:.2f}" if r["vs_pytorchfi"] is not None else "-"
+        bound = f"{r['bound']:.2f}" if r["bound"] else "-"
+        share = f"{100 * r['vs_pytorchfi'] / r['bound']:.0f}%" if r["bound"] else "-"
+        print(
+            f"{r['measure']:<46}{r['trials']:>10,}{r['trials_per_s']:>13,.0f}{vs_pfi:>13}"
+            f"{r['vs_plain_forward']:>9.2f}{bound:>8}{share:>12}"
+        )
+    print(f"neuron top-1 agreement with pytorchfi on the benchmarked trials: {agree}/{total}")
+    print("where the engine's neuron time goes (cProfile, by own time):")
+    print("\n".join(stream.getvalue().splitlines()[6:20]))
+    write_json_atomic(
+        args.out,
+        {
+            "benchmark": "engine",
+            "bitstorm": __version__,
+            "torch": torch.__version__,
+            "model": args.model,
+            "image_size": args.image_size,
+            "classes": args.classes,
+            "images": args.images,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "rows": rows,
+            "bounds": {"weight_uniform": weight_bound, "neuron_equal_per_layer": neuron_bound},
+            "suffix_flop_fractions": fractions,
+            "neuron_agreement": [agree, total],
+        },
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
