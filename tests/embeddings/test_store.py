@@ -125,7 +125,7 @@ def test_the_papers_released_imagenet_embeddings(tmp_path):
     own = cross.diagonal()
     others = (cross.sum(dim=1) - own) / 999
     assert (own > others).float().mean() > 0.99
-    assert int(cross.argmax(dim=1).eq(torch.arange(1000)).sum()) > 500  # mostly top-1 matches
+    assert int(cross.argmax(dim=1).eq(torch.arange(1000)).sum()) >= 990  # 996 measured
     save_embeddings(gpt3, tmp_path / "gpt3.safetensors")
     assert (
         load_embeddings(tmp_path / "gpt3.safetensors", names).description_source
