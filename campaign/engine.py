@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bitstorm.errors import ConfigError
 from bitstorm.metrics import top2diff
@@ -160,6 +161,7 @@ class Engine:
         self.sites = {s.name: s for s in find_sites(self.model, example[:1].to(self.device),
                                                     types="weighted")}
         self._cuts: dict[tuple[str, int], _Cut] = {}
+        self._folded: dict[tuple[str, str], nn.Conv2d] = {}  # shared by every suffix
         self._golden_modules: dict[tuple[fx.Node, ...], fx.GraphModule] = {}
         self._bytes_per_image: dict[tuple[fx.Node, ...], int] = {}
         self._peaks: dict[str, float] = {}
@@ -383,7 +385,7 @@ class Engine:
         if key not in self._cuts:
             node = self._calls[layer][call]
             suffix, externals = _suffix_module(self.graph, node, self._input_dependent)
-            self._cuts[key] = _Cut(node, suffix, externals)
+            self._cuts[key] = _Cut(node, _fold_batchnorm(suffix, self._folded), externals)
         return self._cuts[key]
 
     def _run_suffixes(self, images: torch.Tensor, work: list[tuple[int, TrialGroup]]
@@ -625,6 +627,38 @@ def _suffix_module(gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Nod
                 env[node] = graph.node_copy(node, env.__getitem__)
     graph.lint()
     return fx.GraphModule(gm, graph), ordered_externals
+
+
+def _fold_batchnorm(suffix: fx.GraphModule, folded: dict[tuple[str, str], nn.Conv2d]
+                    ) -> fx.GraphModule:
+    """Fold each eval-mode BatchNorm2d into the Conv2d before it, inside the suffix only.
+
+    The cut value itself (a placeholder) is never folded into, so fault sites stay where they
+    are; folded weights change results only by rounding. New modules are added to the suffix;
+    the model's own modules are not touched. ``folded`` shares each folded conv between suffixes.
+    """
+    modules = dict(suffix.named_modules())
+    for node in list(suffix.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        conv_node = node.args[0]
+        if (not isinstance(conv_node, fx.Node) or conv_node.op != "call_module"
+                or not isinstance(modules.get(conv_node.target), nn.Conv2d)
+                or len(conv_node.users) != 1 or len(node.args) != 1 or node.kwargs):
+            continue
+        batchnorm = modules[node.target]
+        if not batchnorm.track_running_stats or batchnorm.training:
+            continue
+        key = (conv_node.target, node.target)
+        if key not in folded:
+            folded[key] = fuse_conv_bn_eval(modules[conv_node.target], batchnorm)
+        name = "folded_" + conv_node.target.replace(".", "_")
+        suffix.add_submodule(name, folded[key])
+        conv_node.target = name
+        node.replace_all_uses_with(conv_node)
+        suffix.graph.erase_node(node)
+    suffix.recompile()
+    return suffix
 
 
 def _is_tensor(node: fx.Node) -> bool:
