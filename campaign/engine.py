@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -89,8 +90,9 @@ class Outcomes:
 
     @staticmethod
     def cat(parts: Sequence[Outcomes]) -> Outcomes:
-        return Outcomes(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                           for f in fields(Outcomes)})
+        return Outcomes(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Outcomes)}
+        )
 
     def select(self, order: torch.Tensor) -> Outcomes:
         return Outcomes(**{f.name: getattr(self, f.name)[order] for f in fields(Outcomes)})
@@ -100,8 +102,8 @@ class _GoldenLogits:
     """Golden logits and final-layer inputs, with per-column summaries of the *other* columns:
     what a change to one logit is compared against."""
 
-    def __init__(self, logits: torch.Tensor, inputs: torch.Tensor) -> None:
-        self.logits, self.inputs = logits, inputs
+    def __init__(self, logits: torch.Tensor, inputs: torch.Tensor, scale: float) -> None:
+        self.logits, self.inputs, self.scale = logits, inputs, scale
         self.top1 = logits.argmax(dim=1)
         g = logits.double()
         k = min(3, g.shape[1])
@@ -158,8 +160,9 @@ class Engine:
         self.cache_bytes = cache_bytes
         self.batch_size = batch_size
         self.clamp = clamp
-        self.sites = {s.name: s for s in find_sites(self.model, example[:1].to(self.device),
-                                                    types="weighted")}
+        self.sites = {
+            s.name: s for s in find_sites(self.model, example[:1].to(self.device), types="weighted")
+        }
         self._cuts: dict[tuple[str, int], _Cut] = {}
         self._folded: dict[tuple[str, str], nn.Conv2d] = {}  # shared by every suffix
         self._golden_modules: dict[tuple[fx.Node, ...], fx.GraphModule] = {}
@@ -170,8 +173,12 @@ class Engine:
             self.graph = fx.symbolic_trace(self.model)
             self.mode = "suffix"
         except Exception as error:
-            log.warning("torch.fx cannot trace %s (%s): falling back to hooks and a full forward "
-                        "per trial batch, exact but slower", type(model).__name__, error)
+            log.warning(
+                "torch.fx cannot trace %s (%s): falling back to hooks and a full forward "
+                "per trial batch, exact but slower",
+                type(model).__name__,
+                error,
+            )
             self.graph = None
             self.mode = "hooks"
         if self.graph is not None:
@@ -182,7 +189,8 @@ class Engine:
             # Only the image input carries a batch; other inputs (timm's attn_mask=None...) are
             # constants at their defaults.
             self._input_dependent = _reachable_from(
-                [next(n for n in self.graph.graph.nodes if n.op == "placeholder")])
+                [next(n for n in self.graph.graph.nodes if n.op == "placeholder")]
+            )
             with torch.no_grad():  # records which nodes produce tensors
                 ShapeProp(self.graph).propagate(example[:2].to(self.device))
 
@@ -208,8 +216,12 @@ class Engine:
     def golden(self, images: torch.Tensor) -> torch.Tensor:
         """Fault-free logits of ``images``."""
         with torch.no_grad():
-            return torch.cat([self.model(chunk.to(self.device)).float()
-                              for chunk in images.split(self.batch_size)])
+            return torch.cat(
+                [
+                    self.model(chunk.to(self.device)).float()
+                    for chunk in images.split(self.batch_size)
+                ]
+            )
 
     def golden_top1(self, images: torch.Tensor) -> torch.Tensor:
         """Fault-free top-1 of ``images``, remembered for the last image set seen."""
@@ -254,27 +266,33 @@ class Engine:
     ) -> Iterator[tuple[TrialGroup, Outcomes]]:
         """Every weight x bit x image of ``layer``, exhaustively, in chunks of weights.
 
-        Where the layer is a Linear whose output is the model's output (a plain final
-        classifier), no forward runs at all: one weight changes one logit by ``(w' - w) * x_i``,
-        and the outcome follows from the golden logits (``analytic``). Other layers go through
+        Where the layer is a Linear whose output is the model's output, as is or times a constant
+        (a plain final classifier, or a text head's class Linear and its logit scale), no forward
+        runs at all: one weight changes one logit by ``scale * (w' - w) * x_i``, and the outcome
+        follows from the golden logits. Other layers go through
         the suffix path with large batches.
         """
         site = self.sites[layer]
         bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
         images_n = len(images)
-        analytic = self._final_linear(layer)
+        logit_scale = self._final_linear(layer)
+        analytic = logit_scale is not None
         if analytic:
             with torch.no_grad(), eval_mode(self.model):
                 node = self._calls[layer][0]
                 output, layer_input = self._golden_module((node.args[0],))(images.to(self.device))
-            golden = _GoldenLogits(output.float(), layer_input.reshape(images_n, -1))
+            golden = _GoldenLogits(output.float(), layer_input.reshape(images_n, -1), logit_scale)
         for start in range(0, site.weight_elements, weights_per_chunk):
             weights = torch.arange(start, min(start + weights_per_chunk, site.weight_elements))
             per_weight = len(bit_list) * images_n
             group = TrialGroup(
-                "weight", layer, fmt, weights.repeat_interleave(per_weight),
+                "weight",
+                layer,
+                fmt,
+                weights.repeat_interleave(per_weight),
                 bit_list.repeat_interleave(images_n).repeat(len(weights)),
-                torch.arange(images_n).repeat(len(weights) * len(bit_list)))
+                torch.arange(images_n).repeat(len(weights) * len(bit_list)),
+            )
             if analytic:
                 yield group, self._analytic_final_linear(group, golden, len(bit_list))
             else:
@@ -282,18 +300,43 @@ class Engine:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _final_linear(self, layer: str) -> bool:
-        """Whether ``layer`` is a Linear, run once, whose output is returned as the logits."""
+    def _final_linear(self, layer: str) -> float | None:
+        """For a Linear, run once, whose output becomes the logits unchanged or times a constant
+        scalar (the text head's ``* exp(logit_scale)``): that scalar. Otherwise None."""
         if self.mode != "suffix" or not isinstance(self.model.get_submodule(layer), nn.Linear):
-            return False
+            return None
         if self.sites[layer].calls != 1:
-            return False
+            return None
         cut = self._cut(layer, 0)
-        ops = [n.op for n in cut.suffix.graph.nodes]
-        return ops == ["placeholder", "output"] and not cut.externals
+        if cut.externals:
+            return None
+        graph = cut.suffix.graph
+        placeholder = next(iter(graph.nodes))
+        value = placeholder  # follows the cut's value through the suffix
+        for node in graph.nodes:
+            if node is placeholder or node.op == "output" or value not in node.all_input_nodes:
+                continue  # constants (the logit scale) need no check: they do not see the cut
+            others = [a for a in node.args if a is not value]
+            if (
+                node.target not in (operator.mul, torch.mul, "mul")
+                or len(others) != 1
+                or node.kwargs
+            ):
+                return None
+            value = node
+        output = next(n for n in graph.nodes if n.op == "output")
+        if output.args[0] is not value:
+            return None
+        with torch.no_grad():  # the scalar: the suffix applied to a one
+            probe = torch.ones(1, self.model.get_submodule(layer).out_features, device=self.device)
+            scale = cut.suffix(probe)
+        if not torch.allclose(scale, scale.flatten()[0].expand_as(scale)):
+            return None
+        return float(scale.flatten()[0])
 
-    def _analytic_final_linear(self, group: TrialGroup, golden: _GoldenLogits,
-                               n_bits: int) -> Outcomes:
+    def _analytic_final_linear(
+        self, group: TrialGroup, golden: _GoldenLogits, n_bits: int
+    ) -> Outcomes:
         weight = self.model.get_submodule(group.layer).weight.detach()
         in_features = weight.shape[1]
         n_images = golden.logits.shape[0]
@@ -306,13 +349,14 @@ class Engine:
         out_unit, in_unit = index // in_features, index % in_features
         g, x = golden.logits, golden.inputs.float()
         # In the model's float32, so that overflow to Inf happens where the forward's would.
-        value = (g[:, out_unit].T[:, None, :] + delta[:, :, None] * x[:, in_unit].T[:, None, :]
-                 ).double()
+        change = golden.scale * (delta[:, :, None] * x[:, in_unit].T[:, None, :])
+        value = (g[:, out_unit].T[:, None, :] + change).double()
         # Best other logit, its index, second best other, sum of exp over the others: [K, 1, N].
         m1, i1, m2, rest = (t[:, None, :] for t in golden.others(out_unit))
         column = out_unit[:, None, None]
-        top1 = torch.where(value > m1, column,
-                           torch.where(value == m1, torch.minimum(column, i1), i1))
+        top1 = torch.where(
+            value > m1, column, torch.where(value == m1, torch.minimum(column, i1), i1)
+        )
         finite = torch.isfinite(value)
         top1 = torch.where(value.isnan(), -1, top1)
         t1 = torch.maximum(value, m1)
@@ -323,14 +367,14 @@ class Engine:
         golden_top1 = golden.top1[None, None, :].expand_as(top1)
         non_finite = ~finite
         return Outcomes(
-            faulty_top1=top1.reshape(-1).cpu(), golden_top1=golden_top1.reshape(-1).cpu(),
+            faulty_top1=top1.reshape(-1).cpu(),
+            golden_top1=golden_top1.reshape(-1).cpu(),
             sdc=(non_finite | (top1 != golden_top1)).reshape(-1).cpu(),
             non_finite=non_finite.reshape(-1).cpu(),
             top2diff=torch.where(finite, margin, torch.nan).float().reshape(-1).cpu(),
             value_before=before[:, :, None].expand_as(value).float().reshape(-1).cpu(),
             value_after=after[:, :, None].expand_as(value).float().reshape(-1).cpu(),
         )
-
 
     def _validate(self, images: torch.Tensor, group: TrialGroup) -> None:
         if group.layer not in self.sites:
@@ -349,8 +393,10 @@ class Engine:
     def _weight_delta_applies(self, site: LayerSite) -> bool:
         module = self.model.get_submodule(site.name)
         supported = isinstance(module, nn.Linear) or (
-            isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple))
+            isinstance(module, nn.Conv2d)
+            and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple)
+        )
         return supported and site.calls == 1
 
     def _weight_values(self, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,8 +434,9 @@ class Engine:
             self._cuts[key] = _Cut(node, _fold_batchnorm(suffix, self._folded), externals)
         return self._cuts[key]
 
-    def _run_suffixes(self, images: torch.Tensor, work: list[tuple[int, TrialGroup]]
-                      ) -> list[tuple[int, Outcomes]]:
+    def _run_suffixes(
+        self, images: torch.Tensor, work: list[tuple[int, TrialGroup]]
+    ) -> list[tuple[int, Outcomes]]:
         """All suffix-path groups: image chunk by image chunk (one golden pass each, the cache
         bounded by ``cache_bytes``), then trial batch by trial batch."""
         plans = []  # (position, trial positions in group, sub-group, cut)
@@ -397,19 +444,32 @@ class Engine:
             calls, offsets = self._neuron_calls(self.sites[group.layer], group)
             for call in calls.unique().tolist():
                 chosen = (calls == call).nonzero().flatten()
-                sub = TrialGroup(group.kind, group.layer, group.fmt,
-                                 group.index[chosen] - offsets[chosen], group.bit[chosen],
-                                 group.image[chosen])
+                sub = TrialGroup(
+                    group.kind,
+                    group.layer,
+                    group.fmt,
+                    group.index[chosen] - offsets[chosen],
+                    group.bit[chosen],
+                    group.image[chosen],
+                )
                 plans.append((position, chosen, sub, self._cut(group.layer, call)))
-        wanted = tuple(dict.fromkeys(
-            node for _, _, sub, cut in plans
-            for node in (cut.node, *cut.externals,
-                         *((cut.node.args[0],) if sub.kind == "weight" else ()))))
+        wanted = tuple(
+            dict.fromkeys(
+                node
+                for _, _, sub, cut in plans
+                for node in (
+                    cut.node,
+                    *cut.externals,
+                    *((cut.node.args[0],) if sub.kind == "weight" else ()),
+                )
+            )
+        )
         chunk = max(1, min(len(images), self.cache_bytes // self._cache_cost(images, wanted)))
         parts: dict[int, list[tuple[torch.Tensor, Outcomes]]] = defaultdict(list)
         for start in range(0, len(images), chunk):
             output, *values = self._golden_module(wanted)(
-                images[start:start + chunk].to(self.device))
+                images[start : start + chunk].to(self.device)
+            )
             cache = dict(zip(wanted, values, strict=True))
             top1 = output.float().argmax(dim=1)
             for position, chosen, sub, cut in plans:
@@ -417,19 +477,28 @@ class Engine:
                 if len(in_chunk) == 0:
                     continue
                 for part in in_chunk.split(self.batch_size):
-                    batch = TrialGroup(sub.kind, sub.layer, sub.fmt, sub.index[part],
-                                       sub.bit[part], sub.image[part] - start)
-                    parts[position].append((chosen[part],
-                                            self._evaluate(images, batch, cut, cache, top1)))
+                    batch = TrialGroup(
+                        sub.kind,
+                        sub.layer,
+                        sub.fmt,
+                        sub.index[part],
+                        sub.bit[part],
+                        sub.image[part] - start,
+                    )
+                    parts[position].append(
+                        (chosen[part], self._evaluate(images, batch, cut, cache, top1))
+                    )
         results = []
         for position, pieces in parts.items():
             order = torch.cat([p[0] for p in pieces])
-            results.append((position, Outcomes.cat([p[1] for p in pieces])
-                            .select(torch.argsort(order))))
+            results.append(
+                (position, Outcomes.cat([p[1] for p in pieces]).select(torch.argsort(order)))
+            )
         return results
 
-    def _neuron_calls(self, site: LayerSite, group: TrialGroup
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neuron_calls(
+        self, site: LayerSite, group: TrialGroup
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which call of the module each trial hits, and that call's first flat index."""
         if group.kind == "weight" or site.calls == 1:
             return torch.zeros_like(group.index), torch.zeros_like(group.index)
@@ -447,12 +516,17 @@ class Engine:
         """Bytes the golden cache holds per image for ``nodes`` (measured on one image)."""
         if nodes not in self._bytes_per_image:
             _, *values = self._golden_module(nodes)(images[:1].to(self.device))
-            self._bytes_per_image[nodes] = max(1, sum(v.element_size() * v.numel()
-                                                      for v in values))
+            self._bytes_per_image[nodes] = max(1, sum(v.element_size() * v.numel() for v in values))
         return self._bytes_per_image[nodes]
 
-    def _evaluate(self, images: torch.Tensor, group: TrialGroup, cut: _Cut,
-                  cache: dict[fx.Node, torch.Tensor], golden_top1: torch.Tensor) -> Outcomes:
+    def _evaluate(
+        self,
+        images: torch.Tensor,
+        group: TrialGroup,
+        cut: _Cut,
+        cache: dict[fx.Node, torch.Tensor],
+        golden_top1: torch.Tensor,
+    ) -> Outcomes:
         image = group.image.to(self.device)
         layer_out = cache[cut.node].index_select(0, image)
         if group.kind == "neuron":
@@ -463,9 +537,13 @@ class Engine:
             flat[rows, index] = after.to(flat.dtype)
         else:
             before, after = self._weight_values(group)
-            _add_weight_delta(self.model.get_submodule(group.layer), layer_out,
-                              cache[cut.node.args[0]].index_select(0, image),
-                              group.index.to(self.device), after - before)
+            _add_weight_delta(
+                self.model.get_submodule(group.layer),
+                layer_out,
+                cache[cut.node.args[0]].index_select(0, image),
+                group.index.to(self.device),
+                after - before,
+            )
         externals = [cache[node].index_select(0, image) for node in cut.externals]
         logits = cut.suffix(layer_out, *externals).float()
         return _outcomes(logits, golden_top1[image], before, after)
@@ -478,12 +556,20 @@ class Engine:
         module = self.model.get_submodule(site.name)
         golden_top1 = self.golden_top1(images)
         if site.calls != 1:
-            raise ConfigError(f"{site.name} runs {site.calls} times per forward; a model that "
-                              "torch.fx cannot trace supports faults only in layers run once")
+            raise ConfigError(
+                f"{site.name} runs {site.calls} times per forward; a model that "
+                "torch.fx cannot trace supports faults only in layers run once"
+            )
         results = []
         for part in torch.arange(len(group)).split(self.batch_size):
-            sub = TrialGroup(group.kind, group.layer, group.fmt, group.index[part],
-                             group.bit[part], group.image[part])
+            sub = TrialGroup(
+                group.kind,
+                group.layer,
+                group.fmt,
+                group.index[part],
+                group.bit[part],
+                group.image[part],
+            )
             captured: dict[str, torch.Tensor] = {}
 
             def modify(_module, inputs, output, sub=sub, captured=captured):
@@ -495,8 +581,9 @@ class Engine:
                     flat[rows, index] = after.to(flat.dtype)
                 else:
                     before, after = self._weight_values(sub)
-                    _add_weight_delta(module, output, inputs[0], sub.index.to(output.device),
-                                      after - before)
+                    _add_weight_delta(
+                        module, output, inputs[0], sub.index.to(output.device), after - before
+                    )
                 captured["before"], captured["after"] = before, after
                 return output
 
@@ -505,8 +592,14 @@ class Engine:
                 logits = self.model(images[sub.image].to(self.device)).float()
             finally:
                 handle.remove()
-            results.append(_outcomes(logits, golden_top1[sub.image.to(self.device)],
-                                     captured["before"], captured["after"]))
+            results.append(
+                _outcomes(
+                    logits,
+                    golden_top1[sub.image.to(self.device)],
+                    captured["before"],
+                    captured["after"],
+                )
+            )
         return Outcomes.cat(results)
 
     def _run_weight_edits(self, images: torch.Tensor, group: TrialGroup) -> Outcomes:
@@ -525,8 +618,12 @@ class Engine:
             original = flat[element].clone()
             flat[element] = after[chosen[0]]
             try:
-                logits = torch.cat([self.model(images[part].to(self.device)).float()
-                                    for part in group.image[chosen].split(self.batch_size)])
+                logits = torch.cat(
+                    [
+                        self.model(images[part].to(self.device)).float()
+                        for part in group.image[chosen].split(self.batch_size)
+                    ]
+                )
             finally:
                 flat[element] = original
             img = group.image[chosen].to(self.device)
@@ -535,8 +632,13 @@ class Engine:
         return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))
 
 
-def _add_weight_delta(module: nn.Module, output: torch.Tensor, layer_input: torch.Tensor,
-                      index: torch.Tensor, delta: torch.Tensor) -> None:
+def _add_weight_delta(
+    module: nn.Module,
+    output: torch.Tensor,
+    layer_input: torch.Tensor,
+    index: torch.Tensor,
+    delta: torch.Tensor,
+) -> None:
     """``output`` (one row per trial) += the change of one weight per trial, in place."""
     rows = torch.arange(len(index), device=output.device)
     if isinstance(module, nn.Linear):
@@ -563,22 +665,27 @@ def _add_weight_delta(module: nn.Module, output: torch.Tensor, layer_input: torc
     output[rows, o] += (delta[:, None, None] * patch).to(output.dtype)
 
 
-def _outcomes(logits: torch.Tensor, golden_top1: torch.Tensor, before: torch.Tensor,
-              after: torch.Tensor) -> Outcomes:
+def _outcomes(
+    logits: torch.Tensor, golden_top1: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+) -> Outcomes:
     non_finite = ~torch.isfinite(logits).all(dim=1)
     has_nan = logits.isnan().any(dim=1)
     faulty = torch.where(has_nan, -1, logits.nan_to_num(nan=-math.inf).argmax(dim=1))
     return Outcomes(
-        faulty_top1=faulty.cpu(), golden_top1=golden_top1.cpu(),
-        sdc=(non_finite | (faulty != golden_top1)).cpu(), non_finite=non_finite.cpu(),
-        top2diff=top2diff(logits).cpu(), value_before=before.float().cpu(),
+        faulty_top1=faulty.cpu(),
+        golden_top1=golden_top1.cpu(),
+        sdc=(non_finite | (faulty != golden_top1)).cpu(),
+        non_finite=non_finite.cpu(),
+        top2diff=top2diff(logits).cpu(),
+        value_before=before.float().cpu(),
         value_after=after.float().cpu(),
     )
 
 
 def _empty_outcomes() -> Outcomes:
-    empty_i, empty_b, empty_f = (torch.empty(0, dtype=t) for t in
-                                 (torch.long, torch.bool, torch.float32))
+    empty_i, empty_b, empty_f = (
+        torch.empty(0, dtype=t) for t in (torch.long, torch.bool, torch.float32)
+    )
     return Outcomes(empty_i, empty_i, empty_b, empty_b, empty_f, empty_f, empty_f)
 
 
@@ -593,8 +700,9 @@ def _reachable_from(starts: Sequence[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _suffix_module(gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Node]
-                   ) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:
+def _suffix_module(
+    gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Node]
+) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:
     """A GraphModule computing the logits from ``cut``'s value and the *externals*: tensors from
     before the cut, with a batch dimension, that the nodes depending on ``cut`` use (cached per
     image). Constants (parameters, expressions of them) and non-tensor values from before the
@@ -629,8 +737,9 @@ def _suffix_module(gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Nod
     return fx.GraphModule(gm, graph), ordered_externals
 
 
-def _fold_batchnorm(suffix: fx.GraphModule, folded: dict[tuple[str, str], nn.Conv2d]
-                    ) -> fx.GraphModule:
+def _fold_batchnorm(
+    suffix: fx.GraphModule, folded: dict[tuple[str, str], nn.Conv2d]
+) -> fx.GraphModule:
     """Fold each eval-mode BatchNorm2d into the Conv2d before it, inside the suffix only.
 
     The cut value itself (a placeholder) is never folded into, so fault sites stay where they
@@ -642,9 +751,14 @@ def _fold_batchnorm(suffix: fx.GraphModule, folded: dict[tuple[str, str], nn.Con
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         conv_node = node.args[0]
-        if (not isinstance(conv_node, fx.Node) or conv_node.op != "call_module"
-                or not isinstance(modules.get(conv_node.target), nn.Conv2d)
-                or len(conv_node.users) != 1 or len(node.args) != 1 or node.kwargs):
+        if (
+            not isinstance(conv_node, fx.Node)
+            or conv_node.op != "call_module"
+            or not isinstance(modules.get(conv_node.target), nn.Conv2d)
+            or len(conv_node.users) != 1
+            or len(node.args) != 1
+            or node.kwargs
+        ):
             continue
         batchnorm = modules[node.target]
         if not batchnorm.track_running_stats or batchnorm.training:

@@ -338,15 +338,24 @@ def test_small_cache_budget_gives_the_same_outcomes():
         torch.testing.assert_close(a.top2diff, b.top2diff, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
-def test_last_layer_sweep_is_exhaustive_and_matches_the_suffix_path():
+@pytest.mark.parametrize(
+    ("head", "layer", "in_features", "scale"),
+    [("linear", "fc", 512, 1.0), ("text", "fc.classes", 32, 1 / 0.07)],
+)
+def test_last_layer_sweep_is_exhaustive_and_matches_the_suffix_path(
+    head, layer, in_features, scale
+):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
+    model = build_model("resnet18", head, 10, torch.randn(10, 32)).eval()
     images = torch.randn(6, 3, 32, 32)
     engine = Engine(model, images[:1], device="cpu")
-    assert engine._final_linear("fc") and not engine._final_linear("layer4.1.conv2")
-    parts = list(engine.sweep_layer(images, "fc", "fp32", weights_per_chunk=1024))
-    assert sum(len(group) for group, _ in parts) == 10 * 512 * 32 * 6
-    group, analytic = parts[2]
+    assert engine._final_linear(layer) == pytest.approx(scale)
+    assert engine._final_linear("layer4.1.conv2") is None
+    if head == "text":  # the projection is followed by a normalisation: not analytic
+        assert engine._final_linear("fc.projection") is None
+    parts = list(engine.sweep_layer(images, layer, "fp32", weights_per_chunk=1024))
+    assert sum(len(group) for group, _ in parts) == 10 * in_features * 32 * 6
+    group, analytic = parts[min(2, len(parts) - 1)]
     assert set(group.bit.tolist()) == set(range(32)) and set(group.image.tolist()) == set(range(6))
     generic = engine.run(images, group)
     assert torch.equal(analytic.faulty_top1, generic.faulty_top1)
