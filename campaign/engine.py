@@ -75,6 +75,23 @@ class TrialGroup:
     def __len__(self) -> int:
         return len(self.index)
 
+    def subset(
+        self,
+        positions: torch.Tensor,
+        *,
+        index_offset: torch.Tensor | int = 0,
+        image_offset: int = 0,
+    ) -> TrialGroup:
+        """The trials at ``positions``, with indices and images shifted down by the offsets."""
+        return TrialGroup(
+            self.kind,
+            self.layer,
+            self.fmt,
+            self.index[positions] - index_offset,
+            self.bit[positions],
+            self.image[positions] - image_offset,
+        )
+
 
 @dataclass(frozen=True)
 class Outcomes:
@@ -424,6 +441,32 @@ class Engine:
             after = torch.nan_to_num(after, nan=0.0, posinf=peak, neginf=-peak).clamp(-peak, peak)
         return quantize(golden, group.fmt, scale), after
 
+    def _apply_faults(
+        self,
+        images: torch.Tensor,
+        group: TrialGroup,
+        output: torch.Tensor,
+        layer_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change ``output`` (one row per trial) in place by each trial's fault; return the
+        values before and after the flip."""
+        if group.kind == "neuron":
+            flat = output.view(len(group), -1)
+            rows = torch.arange(len(group), device=output.device)
+            index = group.index.to(output.device)
+            before, after = self._faulty_neurons(images, group, flat[rows, index])
+            flat[rows, index] = after.to(flat.dtype)
+            return before, after
+        before, after = self._weight_values(group)
+        _add_weight_delta(
+            self.model.get_submodule(group.layer),
+            output,
+            layer_input,
+            group.index.to(output.device),
+            after - before,
+        )
+        return before, after
+
     # -- fx suffix path -------------------------------------------------------------------
 
     def _cut(self, layer: str, call: int) -> _Cut:
@@ -444,14 +487,7 @@ class Engine:
             calls, offsets = self._neuron_calls(self.sites[group.layer], group)
             for call in calls.unique().tolist():
                 chosen = (calls == call).nonzero().flatten()
-                sub = TrialGroup(
-                    group.kind,
-                    group.layer,
-                    group.fmt,
-                    group.index[chosen] - offsets[chosen],
-                    group.bit[chosen],
-                    group.image[chosen],
-                )
+                sub = group.subset(chosen, index_offset=offsets[chosen])
                 plans.append((position, chosen, sub, self._cut(group.layer, call)))
         wanted = tuple(
             dict.fromkeys(
@@ -477,14 +513,7 @@ class Engine:
                 if len(in_chunk) == 0:
                     continue
                 for part in in_chunk.split(self.batch_size):
-                    batch = TrialGroup(
-                        sub.kind,
-                        sub.layer,
-                        sub.fmt,
-                        sub.index[part],
-                        sub.bit[part],
-                        sub.image[part] - start,
-                    )
+                    batch = sub.subset(part, image_offset=start)
                     parts[position].append(
                         (chosen[part], self._evaluate(images, batch, cut, cache, top1))
                     )
@@ -529,21 +558,10 @@ class Engine:
     ) -> Outcomes:
         image = group.image.to(self.device)
         layer_out = cache[cut.node].index_select(0, image)
-        if group.kind == "neuron":
-            flat = layer_out.view(len(group), -1)
-            rows = torch.arange(len(group), device=self.device)
-            index = group.index.to(self.device)
-            before, after = self._faulty_neurons(images, group, flat[rows, index])
-            flat[rows, index] = after.to(flat.dtype)
-        else:
-            before, after = self._weight_values(group)
-            _add_weight_delta(
-                self.model.get_submodule(group.layer),
-                layer_out,
-                cache[cut.node.args[0]].index_select(0, image),
-                group.index.to(self.device),
-                after - before,
-            )
+        layer_input = (
+            cache[cut.node.args[0]].index_select(0, image) if group.kind == "weight" else None
+        )
+        before, after = self._apply_faults(images, group, layer_out, layer_input)
         externals = [cache[node].index_select(0, image) for node in cut.externals]
         logits = cut.suffix(layer_out, *externals).float()
         return _outcomes(logits, golden_top1[image], before, after)
@@ -562,29 +580,13 @@ class Engine:
             )
         results = []
         for part in torch.arange(len(group)).split(self.batch_size):
-            sub = TrialGroup(
-                group.kind,
-                group.layer,
-                group.fmt,
-                group.index[part],
-                group.bit[part],
-                group.image[part],
-            )
+            sub = group.subset(part)
             captured: dict[str, torch.Tensor] = {}
 
             def modify(_module, inputs, output, sub=sub, captured=captured):
-                rows = torch.arange(len(sub), device=output.device)
-                flat = output.view(len(sub), -1)
-                if sub.kind == "neuron":
-                    index = sub.index.to(output.device)
-                    before, after = self._faulty_neurons(images, sub, flat[rows, index])
-                    flat[rows, index] = after.to(flat.dtype)
-                else:
-                    before, after = self._weight_values(sub)
-                    _add_weight_delta(
-                        module, output, inputs[0], sub.index.to(output.device), after - before
-                    )
-                captured["before"], captured["after"] = before, after
+                captured["before"], captured["after"] = self._apply_faults(
+                    images, sub, output, inputs[0]
+                )
                 return output
 
             handle = module.register_forward_hook(modify)

@@ -1,0 +1,87 @@
+"""Parquet shards: schema, atomic writes through pyarrow file systems, and what readers see."""
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from campaign import store as store_module
+from campaign.store import GOLDEN_SCHEMA, TRIAL_SCHEMA, Store, trial_table
+
+
+def _rows(n=5, shard=3):
+    return trial_table(
+        {
+            "index": torch.arange(n),
+            "bit": torch.full((n,), 30),
+            "format": "fp32",
+            "image": torch.arange(n),
+            "label": torch.zeros(n, dtype=torch.long),
+            "golden_top1": torch.zeros(n, dtype=torch.long),
+            "faulty_top1": torch.arange(n) % 2,
+            "sdc": torch.arange(n) % 2 == 1,
+            "non_finite": torch.zeros(n, dtype=torch.bool),
+            "top2diff": torch.linspace(0, 1, n),
+            "value_before": torch.ones(n),
+            "value_after": torch.full((n,), 2.0),
+            "shard": shard,
+        }
+    )
+
+
+def test_shards_read_back_with_every_required_column(tmp_path):
+    store = Store.open(str(tmp_path), "demo")
+    store.write_table(store.shard_path("resnet18_text", "weight", "layer1.0.conv1", 3), _rows())
+    store.write_table(store.shard_path("resnet18_text", "neuron", "fc", 4), _rows(shard=4))
+    table = ds.dataset(f"{store.root}/trials", format="parquet", partitioning="hive").to_table()
+    assert set(TRIAL_SCHEMA.names) <= set(table.column_names) and table.num_rows == 10
+    assert sorted(set(table["layer"].to_pylist())) == ["fc", "layer1.0.conv1"]
+    rows = duckdb.sql(
+        "select kind, count(*) n, sum(sdc::int) s "
+        f"from read_parquet('{store.root}/trials/**/*.parquet', hive_partitioning=true) "
+        "group by kind order by kind"
+    ).fetchall()
+    assert rows == [("neuron", 5, 2), ("weight", 5, 2)]
+    metadata = pq.read_metadata(store.shard_path("resnet18_text", "weight", "layer1.0.conv1", 3))
+    assert metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_a_half_written_shard_is_never_seen(tmp_path, monkeypatch):
+    store = Store.open(str(tmp_path), "demo")
+    path = store.shard_path("m", "weight", "fc", 1)
+
+    def crash(table, stream, **kwargs):
+        stream.write(b"PAR1 half a file")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(store_module.pq, "write_table", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_table(path, _rows())
+    assert not store.exists(path)
+    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+    assert list(folder.iterdir()) == []  # the temporary file was removed too
+    # Even a leftover temporary file (a killed process cannot clean up) is invisible to readers.
+    (folder / ".shard-000001.parquet.dead.tmp").write_bytes(b"PAR1 half")
+    monkeypatch.undo()
+    store.write_table(store.shard_path("m", "weight", "fc", 2), _rows())
+    assert (
+        ds.dataset(f"{store.root}/trials", format="parquet", partitioning="hive")
+        .to_table()
+        .num_rows
+        == 5
+    )
+    count = duckdb.sql(f"select count(*) from read_parquet('{store.root}/trials/**/*.parquet')")
+    assert count.fetchall() == [(5,)]
+
+
+def test_uris_and_the_manifest(tmp_path):
+    store = Store.open(f"file://{tmp_path}", "demo")
+    assert store.read_json(store.manifest_path) is None
+    store.write_json(store.manifest_path, {"shards": {"1": "done"}})
+    assert store.read_json(store.manifest_path) == {"shards": {"1": "done"}}
+    assert (tmp_path / "demo" / "manifest.json").is_file()
+
+
+def test_golden_schema_names():
+    assert GOLDEN_SCHEMA.names == ["image", "label", "golden_top1", "confidence", "top2diff"]
