@@ -1,0 +1,216 @@
+"""Campaigns end to end on local Ray: exactly the planned trials, exact rows, resume, actor
+deaths, and specs refused before any work starts."""
+
+import os
+import signal
+import threading
+import time
+
+import duckdb
+import pytest
+import torch
+
+from bitstorm.errors import ConfigError
+from campaign.plan import make_plan
+from campaign.reference import Trial, reference_logits
+from campaign.runner import run_campaign, validate
+from campaign.spec import CampaignSpec
+from campaign.store import Store
+from campaign.workers import select_images
+from trainers.checkpoint import save_checkpoint
+from trainers.config import TrainConfig
+from trainers.models import build_model
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200 * 2**20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for head in ("linear", "text_random"):
+        cfg = TrainConfig(backbone="tiny_cnn", head=head, dataset="synthetic", embedding_dim=16)
+        model = build_model("tiny_cnn", head, 10, embedding_dim=16, seed=1)
+        paths[head] = str(
+            save_checkpoint(
+                folder / head,
+                model,
+                cfg,
+                epoch=1,
+                history=[],
+                class_names=tuple(f"class{i}" for i in range(10)),
+            )
+        )
+    return paths
+
+
+def _spec(checkpoints, output, **changes):
+    settings = {
+        "models": [
+            {"name": "base", "checkpoint": checkpoints["linear"]},
+            {"name": "text", "checkpoint": checkpoints["text_random"]},
+        ],
+        "name": "test",
+        "images": 16,
+        "golden_correct_only": False,
+        "trials_per_stratum": 6,
+        "formats": ["fp32", "int8"],
+        "bits": [0, 6, 7],
+        "output": str(output),
+        "actors": 2,
+        "shard_size": 24,
+    } | changes
+    return CampaignSpec(**settings)
+
+
+def _trials(output):
+    return duckdb.sql(
+        f"select * from read_parquet('{output}/test/trials/**/*.parquet', hive_partitioning=true)"
+    ).df()
+
+
+def _planned(spec):
+    models, sites = validate(spec)
+    images = select_images(spec, models)
+    return make_plan(spec, sites, len(images.indices)), images, models
+
+
+def test_results_hold_exactly_the_planned_trials_and_agree_with_the_reference(
+    ray_local, checkpoints, tmp_path
+):
+    spec = _spec(checkpoints, tmp_path)
+    summary = run_campaign(spec, progress=False)
+    plan, images, models = _planned(spec)
+    rows = _trials(tmp_path)
+    expected = {s.id: s.size(len(images.indices)) for s in plan}
+    assert rows.groupby("shard").size().to_dict() == expected  # none missing, none twice
+    assert len(rows) == sum(expected.values()) == sum(r.trials for r in summary)
+    assert set(rows["format"]) == {"fp32", "int8"} and set(rows["bit"]) == {0, 6, 7}
+    # A random sample of rows, recomputed through pytorchfi one by one.
+    position = {index: i for i, index in enumerate(images.indices)}
+    for _, row in rows[rows["format"] == "fp32"].sample(12, random_state=0).iterrows():
+        image = images.images[position[int(row["image"])]].unsqueeze(0)
+        trial = Trial(row["kind"], row["layer"], int(row["index"]), int(row["bit"]), "fp32")
+        logits = reference_logits(models[row["model"]], image, [trial])[0, 0]
+        assert int(row["faulty_top1"]) == int(logits.argmax()) or bool(row["non_finite"])
+        assert bool(row["sdc"]) == (
+            int(row["faulty_top1"]) != int(row["golden_top1"]) or bool(row["non_finite"])
+        )
+    golden = duckdb.sql(
+        f"select * from read_parquet('{tmp_path}/test/golden/**/*.parquet', hive_partitioning=true)"
+    ).df()
+    assert len(golden) == 2 * 16 and set(golden["model"]) == {"base", "text"}
+
+
+def test_rerun_skips_finished_shards_and_gives_the_same_result(ray_local, checkpoints, tmp_path):
+    spec = _spec(checkpoints, tmp_path)
+    run_campaign(spec, progress=False)
+    first = _trials(tmp_path).sort_values(["shard", "index", "bit", "image"]).reset_index(drop=True)
+    store = Store.open(str(tmp_path), "test")
+    plan, _, _ = _planned(spec)
+    removed = [s for s in plan if s.id % 3 == 0]  # as if the driver had stopped before these
+    for shard in removed:
+        os.remove(store.shard_path(shard.model, shard.kind, shard.layer, shard.id))
+    before = {p: os.path.getmtime(p) for p in _shard_files(tmp_path)}
+    run_campaign(spec, progress=False)
+    after = _trials(tmp_path).sort_values(["shard", "index", "bit", "image"]).reset_index(drop=True)
+    assert after.equals(first)
+    assert all(os.path.getmtime(p) == t for p, t in before.items())  # finished shards untouched
+    with pytest.raises(ConfigError, match="different campaign spec"):
+        run_campaign(_spec(checkpoints, tmp_path, trials_per_stratum=7), progress=False)
+    run_campaign(_spec(checkpoints, tmp_path, trials_per_stratum=7), fresh=True, progress=False)
+    assert len(_trials(tmp_path)) != len(first)
+
+
+def _actor_pids():
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if b"ray::ShardWorker" in handle.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _shard_files(root):
+    return [
+        os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.startswith("shard-")
+    ]
+
+
+def test_a_killed_actor_still_gives_exactly_once_results(ray_local, checkpoints, tmp_path):
+    spec = _spec(checkpoints, tmp_path, trials_per_stratum=40, shard_size=40)
+    killed = {}
+
+    def kill_first_actor():
+        """SIGKILL one actor process (Ray titles it ray::ShardWorker) once shards are landing."""
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_shard_files(tmp_path)) < 3:
+            time.sleep(0.05)
+        for pid in _actor_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+            return
+
+    thread = threading.Thread(target=kill_first_actor)
+    thread.start()
+    run_campaign(spec, progress=False)
+    thread.join()
+    assert killed, "the test never managed to kill an actor"
+    plan, images, _ = _planned(spec)
+    rows = _trials(tmp_path)
+    assert rows.groupby("shard").size().to_dict() == {
+        s.id: s.size(len(images.indices)) for s in plan
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layers": ["layer9.*"]}, "layers: 'layer9.*' matches no"),
+        ({"models": [{"name": "base", "checkpoint": "/nonexistent"}]}, "not a checkpoint"),
+        ({"bits": [40]}, "bits: 40 is outside fp32"),
+        ({"formats": ["fp8"]}, "formats: 'fp8'"),
+    ],
+)
+def test_bad_specs_fail_before_any_work(checkpoints, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        run_campaign(_spec(checkpoints, tmp_path, **change), progress=False)
+    assert not (tmp_path / "test").exists() or not _shard_files(tmp_path)
+
+
+def test_wrong_embedding_file_is_refused(checkpoints, tmp_path):
+    from embeddings.store import ClassEmbeddings, save_embeddings
+
+    rows = torch.nn.functional.normalize(torch.randn(10, 16), dim=1)
+    path = save_embeddings(
+        ClassEmbeddings(
+            rows,
+            tuple(f"class{i}" for i in range(10)),
+            "x",
+            "x",
+            False,
+            "x",
+            "0" * 64,
+            "2026-01-01T00:00:00+00:00",
+        ),
+        tmp_path / "other.safetensors",
+    )
+    models = [{"name": "text", "checkpoint": checkpoints["text_random"], "embeddings": str(path)}]
+    with pytest.raises(ConfigError, match="not the embedding file this checkpoint was trained"):
+        run_campaign(_spec(checkpoints, tmp_path, models=models), progress=False)
