@@ -12,6 +12,7 @@ import torch
 from bitstorm.metrics import top2diff
 from campaign.engine import Engine
 from campaign.plan import Shard
+from campaign.sites import find_sites
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA, Store, trial_table
 from trainers.checkpoint import load_checkpoint
@@ -91,16 +92,25 @@ class ShardWorker:
         self.images = images
         self.store = Store.open(spec.output, spec.name)
         device = "cuda" if spec.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.engines = {
-            name: Engine(
+        self.engines = {}
+        for name, model in load_models(spec).items():
+            engine = Engine(
                 model,
                 images.images[:1],
                 device=device,
                 batch_size=spec.batch_size,
                 clamp=spec.clamp,
             )
-            for name, model in load_models(spec).items()
-        }
+            # The golden pass once per actor when the cache fits (else once per shard).
+            layers = find_sites(
+                model,
+                images.images[:1],
+                types=spec.layer_types,
+                include=spec.layers,
+                exclude=spec.exclude_layers,
+            ).names()
+            engine.warm(images.images, layers, spec.kinds)
+            self.engines[name] = engine
 
     def run(self, shard: Shard) -> dict[str, int]:
         """Evaluate ``shard`` and write its Parquet file; returns counts for progress."""

@@ -403,3 +403,26 @@ def test_invalid_trials_are_refused():
         TrialGroup(
             "neuron", "fc", "fp32", torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])
         )
+
+
+def test_warm_keeps_the_golden_values_between_calls(monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(8, 3, 32, 32)
+    groups = [_single("neuron", "layer2.0.conv1", 77, 30, 3), _single("weight", "fc", 99, 30, 5)]
+    cold = Engine(model, images[:1], device="cpu").run_many(images, groups)
+    warm = Engine(model, images[:1], device="cpu")
+    assert warm.warm(images, ["layer2.0.conv1", "fc"], ["weight", "neuron"])
+    passes = []
+    original = warm._golden_module
+    monkeypatch.setattr(
+        warm, "_golden_module", lambda nodes: passes.append(nodes) or original(nodes)
+    )
+    outcomes = warm.run_many(images, groups)
+    assert passes == []  # no golden pass ran: the resident values served both groups
+    for a, b in zip(cold, outcomes, strict=True):
+        assert torch.equal(a.faulty_top1, b.faulty_top1) and torch.equal(a.sdc, b.sdc)
+    assert len(warm.run_many(images[:4], groups[:1])[0].sdc) == 1  # other images: a fresh pass
+    assert passes
+    tight = Engine(model, images[:1], device="cpu", cache_bytes=1000)
+    assert not tight.warm(images, ["layer2.0.conv1"], ["neuron"])  # too big: per call instead

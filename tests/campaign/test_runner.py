@@ -5,11 +5,13 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
 import torch
 
+from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError
 from campaign.plan import make_plan
 from campaign.reference import Trial, reference_logits
@@ -20,20 +22,6 @@ from campaign.workers import select_images
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainConfig
 from trainers.models import build_model
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=200 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    yield ray
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +202,45 @@ def test_wrong_embedding_file_is_refused(checkpoints, tmp_path):
     models = [{"name": "text", "checkpoint": checkpoints["text_random"], "embeddings": str(path)}]
     with pytest.raises(ConfigError, match="not the embedding file this checkpoint was trained"):
         run_campaign(_spec(checkpoints, tmp_path, models=models), progress=False)
+
+
+def test_a_killed_driver_resumes_on_rerun(ray_local, checkpoints, tmp_path):
+    """SIGKILL the driver process mid-campaign, rerun: every planned trial exactly once, and
+    each shard holds exactly the trials its seed defines."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = _spec(checkpoints, tmp_path, trials_per_stratum=40, shard_size=40, actors=1)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(to_dict(spec)))
+    root = Path(__file__).resolve().parents[2]
+    # The driver joins this test's Ray instance, so killing it leaves no cluster behind.
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "campaign/run.py", "--spec", str(spec_file)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_shard_files(tmp_path)) < 3 and driver.poll() is None:
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    plan, images, _ = _planned(spec)
+    assert 3 <= len(_shard_files(tmp_path)) < len(plan), "the driver was not stopped mid-way"
+    run_campaign(spec, progress=False)
+    rows = _trials(tmp_path)
+    assert rows.groupby("shard").size().to_dict() == {
+        s.id: s.size(len(images.indices)) for s in plan
+    }
+    position = {index: i for i, index in enumerate(images.indices)}
+    for shard in plan[:: max(1, len(plan) // 8)]:
+        expected = shard.trials(len(images.indices))
+        got = rows[rows["shard"] == shard.id]
+        assert got["index"].tolist() == expected.index.tolist()
+        assert got["bit"].tolist() == expected.bit.tolist()
+        assert [position[i] for i in got["image"]] == expected.image.tolist()
