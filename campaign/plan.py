@@ -8,16 +8,15 @@ pure function of (campaign seed, stratum, shard), so rerunning a shard reproduce
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from campaign.engine import TrialGroup
 from campaign.sites import LayerSite
 from campaign.spec import CampaignSpec
+from campaign.stats import leveugle_sample_size
 
 
 @dataclass(frozen=True)
@@ -72,13 +71,6 @@ class Shard:
             torch.cat(bits),
             torch.cat(image_ids).long(),
         )
-
-
-def leveugle_sample_size(population: int, margin: float, confidence: float, p: float = 0.5) -> int:
-    """Statistical fault injection sample size (Leveugle et al., DATE 2009)."""
-    t = norm.ppf(0.5 + confidence / 2)
-    n = population / (1 + margin**2 * (population - 1) / (t**2 * p * (1 - p)))
-    return max(1, math.ceil(n))
 
 
 def make_plan(spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: int) -> list[Shard]:
