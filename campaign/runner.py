@@ -26,7 +26,7 @@ from bitstorm.errors import ConfigError, DataError
 from campaign.plan import Shard, make_plan
 from campaign.sites import LayerSite, find_sites, select_layers
 from campaign.spec import CampaignSpec
-from campaign.stats import wilson_interval
+from campaign.stats import stratified_estimate
 from campaign.store import Store
 from campaign.workers import CampaignImages, ShardWorker, golden_table, load_models, select_images
 from embeddings.store import load_embeddings
@@ -39,16 +39,15 @@ IN_FLIGHT_PER_ACTOR = 2
 
 @dataclass(frozen=True)
 class SummaryRow:
+    """A model's SDC rate for one fault kind: the stratified estimate over the fault space."""
+
     model: str
     kind: str
     trials: int
     sdc: int
+    rate: float
     low: float
     high: float
-
-    @property
-    def rate(self) -> float:
-        return self.sdc / self.trials if self.trials else 0.0
 
 
 def validate(spec: CampaignSpec) -> tuple[dict[str, torch.nn.Module], dict[str, list[LayerSite]]]:
@@ -194,22 +193,40 @@ def _execute(
 
 
 def summarise(store: Store) -> list[SummaryRow]:
-    """SDC rate per model and kind over the sampled trials, with 95% Wilson intervals."""
+    """SDC rate per model and kind: each stratum (layer x format x bit) weighted by its share of
+    the fault space (the layer's sites, from the plan), with a 95% interval."""
     import duckdb
 
+    manifest = store.read_json(store.manifest_path) or {}
+    sites = {
+        (s["model"], s["kind"], s["layer"], s["fmt"]): s["sites"]
+        for s in manifest.get("plan", {}).get("shard_list", [])
+    }
     rows = duckdb.sql(
-        "select model, kind, count(*), sum(sdc::int) from read_parquet("
+        "select model::varchar, kind::varchar, layer::varchar, format, bit, count(*), "
+        "sum(sdc::int) from read_parquet("
         f"'{store.root}/trials/**/*.parquet', hive_partitioning=true) "
-        "group by model, kind order by model, kind"
+        "group by all order by 1, 2"
     ).fetchall()
-    return [
-        SummaryRow(model, kind, n, int(k), *wilson_interval(int(k), n))
-        for model, kind, n, k in rows
-    ]
+    strata: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+    for model, kind, layer, fmt, _bit, n, k in rows:
+        population = sites.get((model, kind, layer, fmt), 1)
+        strata.setdefault((model, kind), []).append((int(k), int(n), population))
+    summary = []
+    for (model, kind), counts in sorted(strata.items()):
+        k, n, population = zip(*counts, strict=True)
+        estimate = stratified_estimate(k, n, population)
+        summary.append(
+            SummaryRow(model, kind, sum(n), sum(k), estimate.rate, estimate.low, estimate.high)
+        )
+    return summary
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
-    lines = [f"{'model':<20}{'kind':<8}{'trials':>10}{'SDC rate':>11}  95% interval"]
+    lines = [
+        f"{'model':<20}{'kind':<8}{'trials':>10}{'SDC rate':>11}  95% interval "
+        "(stratified by layer x format x bit, weighted by fault-space share)"
+    ]
     for row in rows:
         lines.append(
             f"{row.model:<20}{row.kind:<8}{row.trials:>10,}{row.rate:>10.3%}  "

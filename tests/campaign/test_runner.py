@@ -85,6 +85,7 @@ def test_results_hold_exactly_the_planned_trials_and_agree_with_the_reference(
     expected = {s.id: s.size(len(images.indices)) for s in plan}
     assert rows.groupby("shard").size().to_dict() == expected  # none missing, none twice
     assert len(rows) == sum(expected.values()) == sum(r.trials for r in summary)
+    assert all(r.low <= r.rate <= r.high for r in summary) and len(summary) == 4
     assert set(rows["format"]) == {"fp32", "int8"} and set(rows["bit"]) == {0, 6, 7}
     # A random sample of rows, recomputed through pytorchfi one by one.
     position = {index: i for i, index in enumerate(images.indices)}
