@@ -39,7 +39,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from bitstorm.errors import ConfigError
 from bitstorm.metrics import top2diff
 from campaign.bits import flip, format_width, int8_scale, quantize
-from campaign.sites import LayerSite, eval_mode, find_sites, hooked_outputs
+from campaign.sites import LayerSite, activation_peaks, eval_mode, find_sites
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +219,7 @@ class Engine:
         """max |output| per layer over ``images`` (all calls): int8 neuron scales and clamps."""
         missing = [name for name in layers if name not in self._peaks]
         if missing:
-            modules = {name: self.model.get_submodule(name) for name in missing}
-            peaks = dict.fromkeys(missing, 0.0)
-
-            def record(name: str, output: object) -> None:
-                if isinstance(output, torch.Tensor):
-                    peaks[name] = max(peaks[name], float(output.detach().abs().amax()))
-
-            with hooked_outputs(modules, record), torch.no_grad():
-                for chunk in images.split(self.batch_size):
-                    self.model(chunk.to(self.device))
-            self._peaks.update(peaks)
+            self._peaks.update(activation_peaks(self.model, images, missing, self.batch_size))
         return {name: self._peaks[name] for name in layers}
 
     def golden(self, images: torch.Tensor) -> torch.Tensor:

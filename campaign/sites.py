@@ -241,10 +241,11 @@ def select_layers(
 
 
 def activation_peaks(
-    model: nn.Module, images: torch.Tensor, names: Sequence[str]
+    model: nn.Module, images: torch.Tensor, names: Sequence[str], batch_size: int | None = None
 ) -> dict[str, float]:
-    """max |output| of each named layer over ``images`` (all calls): the profile that int8 neuron
-    scales and the paper preset's clamp are derived from."""
+    """max |output| of each named layer over ``images`` (all calls), ``batch_size`` images per
+    forward: the profile that int8 neuron scales and the paper preset's clamp are derived
+    from. Images go to the model's device chunk by chunk."""
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules]
     if unknown:
@@ -255,8 +256,10 @@ def activation_peaks(
         if isinstance(output, torch.Tensor):
             peaks[name] = max(peaks[name], float(output.detach().abs().amax()))
 
+    device = next(iter(model.parameters()), images).device
     with hooked_outputs({n: modules[n] for n in names}, record), torch.no_grad(), eval_mode(model):
-        model(images)
+        for chunk in images.split(batch_size or len(images)):
+            model(chunk.to(device))
     return peaks
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,32 +95,30 @@ class Store:
         return self.filesystem.get_file_info(path).type == pafs.FileType.File
 
     def write_table(self, path: str, table: pa.Table) -> None:
-        """Write ``table`` as zstd Parquet to a hidden temporary name, then move it into place."""
+        """Write ``table`` as zstd Parquet, atomically."""
+        self._write_atomically(
+            path,
+            lambda stream: pq.write_table(table, stream, compression="zstd", use_dictionary=True),
+        )
+
+    def write_json(self, path: str, payload: dict[str, Any]) -> None:
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+        self._write_atomically(path, lambda stream: stream.write(text.encode()))
+
+    def _write_atomically(self, path: str, write: Callable[[Any], object]) -> None:
+        """``write`` to a hidden temporary name beside ``path``, then move it into place; a
+        failure removes the temporary file, so nothing half-written is left under any name."""
         folder, _, name = path.rpartition("/")
         self.filesystem.create_dir(folder, recursive=True)
         temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
             with self.filesystem.open_output_stream(temporary) as stream:
-                pq.write_table(table, stream, compression="zstd", use_dictionary=True)
+                write(stream)
             self.filesystem.move(temporary, path)
         except BaseException:
             if self.filesystem.get_file_info(temporary).type == pafs.FileType.File:
                 self.filesystem.delete_file(temporary)
             raise
-
-    def read_table(self, path: str) -> pa.Table:
-        try:
-            with self.filesystem.open_input_file(path) as handle:
-                return pq.read_table(handle)
-        except (OSError, pa.ArrowInvalid) as error:
-            raise DataError(f"cannot read {path}: {error}") from None
-
-    def write_json(self, path: str, payload: dict[str, Any]) -> None:
-        folder, _, name = path.rpartition("/")
-        temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-        with self.filesystem.open_output_stream(temporary) as stream:
-            stream.write((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-        self.filesystem.move(temporary, path)
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         if not self.exists(path):

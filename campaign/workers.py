@@ -138,8 +138,3 @@ class ShardWorker:
             self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id), table
         )
         return {"shard": shard.id, "rows": table.num_rows, "sdc": int(out.sdc.sum())}
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

@@ -10,6 +10,7 @@ weights), ``model.safetensors``
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,9 @@ def save_checkpoint(
     )
     write_bytes_atomic(folder / WEIGHTS, weights)
     if train_state is not None:
-        tmp = folder / f".{TRAIN_STATE}.tmp"
-        torch.save(train_state, tmp)
-        tmp.replace(folder / TRAIN_STATE)
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        write_bytes_atomic(folder / TRAIN_STATE, buffer.getvalue())
     head = _text_head(model)
     write_json_atomic(
         folder / MANIFEST,
