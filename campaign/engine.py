@@ -825,12 +825,19 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 def _golden_module(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
-    """``gm`` returning ``(logits, *values of nodes)``."""
+    """``gm`` returning ``(logits, *values of nodes)``. Each value is copied the moment it is
+    computed: a later in-place op (VGG's ``ReLU(inplace=True)`` right after a Linear) would
+    otherwise change the cached value behind the cache's back."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    captured: dict[fx.Node, fx.Node] = {}
+    wanted = set(nodes)
     for node in gm.graph.nodes:
         if node.op == "output":
-            graph.output((fx.map_arg(node.args[0], env.__getitem__), *[env[n] for n in nodes]))
+            outputs = [captured[n] for n in nodes]
+            graph.output((fx.map_arg(node.args[0], env.__getitem__), *outputs))
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
+            if node in wanted:
+                captured[node] = graph.call_method("clone", (env[node],))
     return fx.GraphModule(gm, graph)

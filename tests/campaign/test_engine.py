@@ -57,7 +57,7 @@ def _models():
 def _compare(model, images, count, seed):
     """Random trials (both kinds, all formats, Conv2d/Linear layers) through both evaluators."""
     model.eval()
-    engine = Engine(model, images[:1], device="cpu")
+    engine = Engine(model, images[:1], device=images.device)
     rng = random.Random(seed)
     layers = [
         s
@@ -142,6 +142,41 @@ def test_engine_agrees_on_ten_thousand_trials():
     assert total >= 10_000
     assert len(disagreements) <= total * 0.001
     assert all(d.near_tie for _, d in disagreements)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "vgg11_bn", "deit_tiny", "resnet18_text"]
+)
+def test_engine_agrees_with_the_reference_on_cuda(name):
+    """Engine and reference both on the GPU (TF32 off: the fault semantics are fp32's)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, images = _models()[name]
+    disagreements = _compare(model.cuda(), images.cuda(), count=400, seed=3)
+    for d in disagreements:
+        print(f"{name}: {d}")
+    assert all(d.near_tie for d in disagreements), disagreements
+
+
+def test_in_place_ops_after_a_site_do_not_change_the_cached_golden_values():
+    """VGG's classifier: Linear -> ReLU(inplace=True). Sign flips of negative outputs must
+    see the value before the ReLU zeroed it in place (the engine once cached it after)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+    model.eval()
+    images = torch.randn(6, 3, 2, 2)
+    engine = Engine(model, images[:1], device="cpu")
+    index = torch.arange(16).repeat(6)
+    image = torch.arange(6).repeat_interleave(16)
+    group = TrialGroup("neuron", "1", "fp32", index, torch.full_like(index, 31), image)
+    outcome = engine.run(images, group)
+    expected = [
+        int(_manual_neuron(model, images[i : i + 1], "1", j, 31, "fp32")[0].argmax())
+        for i, j in zip(image.tolist(), index.tolist(), strict=True)
+    ]
+    assert outcome.faulty_top1.tolist() == expected
+    assert (outcome.faulty_top1 != outcome.golden_top1).any()  # some flips do matter
 
 
 def _manual_neuron(model, images, layer, index, bit, fmt, call=0):
