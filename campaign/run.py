@@ -18,16 +18,22 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse
+import dataclasses
 import difflib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from bitstorm import ConfigError, __version__
-from bitstorm.errors import BitstormError
+from bitstorm.errors import BitstormError, DataError
 from campaign.bits import FORMATS
 from campaign.sites import find_sites
+
+if TYPE_CHECKING:
+    from campaign.spec import CampaignSpec
+    from trainers.config import TrainConfig
 
 log = logging.getLogger("bitstorm")
 
@@ -39,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Without arguments: the embedded digits default (baseline vs text head).",
     )
     parser.add_argument("--version", action="version", version=f"bitstorm {__version__}")
-    parser.add_argument("--spec", metavar="FILE", help="run the campaign this YAML spec describes")
+    parser.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="run the campaign this YAML spec describes: a file, or the name of a shipped "
+        "preset such as paper/digits_resnet18 (an unknown name lists them)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -152,6 +163,25 @@ def best_offline_encoder():
     )
 
 
+def default_embeddings(output: Path) -> Path:
+    """The class-embedding file of the embedded default under its ``--output`` folder."""
+    return output / "embeddings" / "digits-shipped.safetensors"
+
+
+def default_train_configs(output: Path) -> dict[str, TrainConfig]:
+    """The embedded default's two training runs by head (``linear``, ``text``): the shipped
+    digits recipes with their run folders under ``<output>/runs``."""
+    from trainers.config import load_train_config
+
+    configs = {}
+    for recipe, head in (("digits_linear", "linear"), ("digits_text", "text")):
+        overrides = [f"output={output / 'runs'}"]
+        if head == "text":
+            overrides.append(f"embeddings={default_embeddings(output)}")
+        configs[head] = load_train_config(recipe, overrides)
+    return configs
+
+
 def default_campaign(output: Path):
     """Embeddings, two trained models and the campaign spec of the embedded default."""
     from campaign.spec import CampaignSpec
@@ -160,11 +190,10 @@ def default_campaign(output: Path):
     from embeddings.descriptions import clean_descriptions, shipped_descriptions
     from embeddings.store import load_embeddings, save_embeddings
     from trainers.checkpoint import latest_checkpoint, read_manifest
-    from trainers.config import load_train_config
     from trainers.run import fit
 
     names = class_names("digits")
-    embeddings = output / "embeddings" / "digits-shipped.safetensors"
+    embeddings = default_embeddings(output)
     if embeddings.is_file():
         made = load_embeddings(embeddings, names)
         log.info("reusing class embeddings %s (encoder %s)", embeddings, made.encoder)
@@ -176,19 +205,15 @@ def default_campaign(output: Path):
             build_embeddings(names, descriptions, encoder, description_source="shipped"), embeddings
         )
     models = []
-    for recipe, head in (("digits_linear", "linear"), ("digits_text", "text")):
-        overrides = [f"output={output / 'runs'}"]
-        if head == "text":
-            overrides.append(f"embeddings={embeddings}")
-        cfg = load_train_config(recipe, overrides)
+    for head, cfg in default_train_configs(output).items():
         checkpoint = latest_checkpoint(cfg.run_dir)
         if checkpoint is None or read_manifest(checkpoint)["epoch"] < cfg.epochs:
-            log.info("training %s (resnet18, %s head) on digits", recipe, head)
+            log.info("training %s (resnet18, %s head) on digits", cfg.name, head)
             checkpoint = Path(fit(cfg).checkpoint.path)
         else:
-            log.info("reusing trained %s: %s", recipe, checkpoint)
+            log.info("reusing trained %s: %s", cfg.name, checkpoint)
         accuracy = read_manifest(checkpoint)["metrics"]["val_top1"]
-        log.info("%s: validation top-1 %.2f%%", recipe, 100 * accuracy)
+        log.info("%s: validation top-1 %.2f%%", cfg.name, 100 * accuracy)
         entry = {"name": f"resnet18_{head}", "checkpoint": str(checkpoint)}
         if head == "text":
             entry["embeddings"] = str(embeddings)
@@ -204,6 +229,24 @@ def default_campaign(output: Path):
         output=str(output / "campaigns"),
         actors=2,
     )
+
+
+def load_campaign_spec(spec: str, overrides: list[str]) -> CampaignSpec:
+    """The spec of ``--spec``: a YAML file or a shipped preset's name, with ``overrides``; a
+    model's ``checkpoint`` may name a training run folder, which becomes its latest checkpoint."""
+    from campaign.spec import load_spec
+    from trainers.checkpoint import resolve_checkpoint
+    from trainers.config import shipped_config
+
+    loaded = load_spec(shipped_config(spec, "specs", package="campaign"), overrides)
+    models = []
+    for raw, entry in zip(loaded.models, loaded.model_entries(), strict=True):
+        try:
+            checkpoint = resolve_checkpoint(entry.checkpoint)
+        except DataError as error:
+            raise ConfigError(f"models[{entry.name}].checkpoint: {error}") from None
+        models.append({**raw, "checkpoint": str(checkpoint)})
+    return dataclasses.replace(loaded, models=models)
 
 
 def comparison(rows) -> str:
@@ -228,10 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             list_sites(args)
             return 0
         from campaign.runner import format_summary, run_campaign
-        from campaign.spec import load_spec
 
         if args.spec:
-            spec = load_spec(args.spec, args.overrides)
+            spec = load_campaign_spec(args.spec, args.overrides)
         else:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default runs offline
             spec = default_campaign(Path(args.output).resolve())

@@ -24,6 +24,8 @@ def test_cluster_yaml_passes_rays_validation():
 def test_shipped_specs_load():
     from campaign.spec import load_spec
 
-    for path in (ROOT / "campaign" / "specs").glob("*.yaml"):
+    paths = sorted((ROOT / "campaign" / "specs").rglob("*.yaml"))
+    assert paths
+    for path in paths:
         spec = load_spec(path)
         assert spec.model_entries() and spec.output

@@ -141,6 +141,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return best[1] if best else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder, else the latest checkpoint of the training run
+    folder ``path`` (a run's ``<output>/<name>``, whose checkpoint folders Ray Train names by
+    time, so a spec can name the run rather than one of its checkpoints)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise DataError(
+            f"{path}: neither a checkpoint (no {MANIFEST}) nor a training run folder holding "
+            "one; train the model first, or name its checkpoint folder"
+        )
+    return latest
+
+
 def load_train_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
 

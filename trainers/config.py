@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from bitstorm.config import apply_overrides, from_dict, read_config_file
@@ -104,18 +105,27 @@ def load_train_config(spec: str | Path, overrides: list[str] | tuple[str, ...] =
     return from_dict(TrainConfig, apply_overrides(read_config_file(path), overrides), str(spec))
 
 
-def shipped_config(spec: str | Path, folder: str = "configs") -> Path:
-    """``spec`` itself if it is a file, else the shipped file of that name in ``folder``
-    (``configs`` for training recipes, ``sweeps`` for Tune sweeps)."""
+def shipped_config(spec: str | Path, folder: str = "configs", package: str = "trainers") -> Path:
+    """``spec`` itself if it is a file, else the file ``<folder>/<spec>.yaml`` shipped in
+    ``package`` (``configs`` for training recipes, ``sweeps`` for Tune sweeps; ``campaign``'s
+    ``specs`` for campaign presets, named with their subfolder: ``paper/digits_resnet18``)."""
     path = Path(spec)
     if path.is_file():
         return path
-    shipped = resources.files("trainers").joinpath(f"{folder}/{spec}.yaml")
+    root = resources.files(package).joinpath(folder)
+    shipped = root.joinpath(f"{spec}.yaml")
     if shipped.is_file():
         return Path(str(shipped))
-    names = sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files("trainers").joinpath(folder).iterdir()
-        if p.name.endswith(".yaml")
-    )
-    raise ConfigError(f"no config file {spec!r}; shipped {folder}: {', '.join(names)}")
+    names = ", ".join(_yaml_names(root))
+    raise ConfigError(f"no config file {spec!r}; shipped {folder}: {names}")
+
+
+def _yaml_names(folder: Traversable, prefix: str = "") -> list[str]:
+    """Names of the YAML files under ``folder`` without the suffix, subfolders as ``sub/name``."""
+    names = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            names += _yaml_names(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith(".yaml"):
+            names.append(prefix + entry.name.removesuffix(".yaml"))
+    return sorted(names)

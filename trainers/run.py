@@ -36,10 +36,7 @@ def resolve_embeddings(cfg: TrainConfig) -> TrainConfig:
     if cfg.embeddings:
         load_embeddings(cfg.embeddings, names)  # fail here, on the driver, not in every worker
         return dataclasses.replace(cfg, embeddings=str(Path(cfg.embeddings).resolve()))
-    slug = re.sub(
-        r"[^A-Za-z0-9.-]+", "_", f"{cfg.dataset}-{Path(cfg.descriptions).stem}-{cfg.text_encoder}"
-    )
-    path = Path(cfg.output).resolve() / "embeddings" / f"{slug}.safetensors"
+    path = built_embeddings_path(cfg)
     if not path.is_file():
         log.info("building class embeddings %s", path)
         if cfg.descriptions == "shipped":
@@ -55,6 +52,15 @@ def resolve_embeddings(cfg: TrainConfig) -> TrainConfig:
         save_embeddings(built, path)
     load_embeddings(path, names)
     return dataclasses.replace(cfg, embeddings=str(path))
+
+
+def built_embeddings_path(cfg: TrainConfig) -> Path:
+    """Where ``resolve_embeddings`` caches the class embeddings it builds for ``cfg`` (from
+    ``descriptions`` and ``text_encoder``) when ``embeddings`` is unset."""
+    slug = re.sub(
+        r"[^A-Za-z0-9.-]+", "_", f"{cfg.dataset}-{Path(cfg.descriptions).stem}-{cfg.text_encoder}"
+    )
+    return Path(cfg.output).resolve() / "embeddings" / f"{slug}.safetensors"
 
 
 def fit(cfg: TrainConfig, callbacks: list | None = None):

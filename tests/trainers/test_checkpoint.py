@@ -7,12 +7,14 @@ import torch
 
 from bitstorm.errors import DataError
 from trainers.checkpoint import (
+    FORMAT,
     MANIFEST,
     TRAIN_STATE,
     WEIGHTS,
     load_checkpoint,
     load_train_state,
     read_manifest,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from trainers.config import TrainConfig
@@ -98,3 +100,14 @@ def test_train_state_is_never_unpickled_freely(tmp_path):
     torch.save({"x": Payload()}, folder / TRAIN_STATE)
     with pytest.raises(Exception, match=r"Weights only load failed"):
         load_train_state(folder)
+
+
+def test_a_run_folder_resolves_to_its_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for folder, epoch in (("checkpoint_b", 1), ("checkpoint_a", 3), ("checkpoint_c", 2)):
+        (run / folder).mkdir(parents=True)
+        (run / folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "epoch": epoch}))
+    assert resolve_checkpoint(run) == run / "checkpoint_a"  # the highest epoch, not the name
+    assert resolve_checkpoint(run / "checkpoint_b") == run / "checkpoint_b"  # already one
+    with pytest.raises(DataError, match=r"neither a checkpoint .* nor a training run folder"):
+        resolve_checkpoint(tmp_path / "empty")
