@@ -171,12 +171,15 @@ def find_sites(
     inputs = _example_batch(model, example)
     calls: dict[str, list[tuple[int, ...]]] = {name: [] for name in selected}
     non_tensor: set[str] = set()
+    unbatched: set[str] = set()
 
     def record(name: str, output: object) -> None:
-        if isinstance(output, torch.Tensor):
-            calls[name].append(tuple(output.shape[1:]))
-        else:
+        if not isinstance(output, torch.Tensor):
             non_tensor.add(name)
+        elif output.shape[:1] != inputs.shape[:1]:
+            unbatched.add(name)
+        else:
+            calls[name].append(tuple(output.shape[1:]))
 
     with hooked_outputs(selected, record), torch.no_grad(), eval_mode(model):
         model(inputs)
@@ -185,6 +188,12 @@ def find_sites(
     for name, module in selected.items():
         if name in non_tensor:
             note, shapes = "its output is not a single tensor", ()
+        elif name in unbatched:
+            note, shapes = (
+                "its output has no image dimension (e.g. Swin-V2's position-bias table, shared "
+                "by every image): weight faults only",
+                (),
+            )
         elif not calls[name]:
             note, shapes = (
                 (

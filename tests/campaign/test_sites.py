@@ -189,3 +189,25 @@ def test_table_lists_every_layer_and_totals():
         f"{space.weight_sites('int8'):,}",
         f"{space.neuron_sites('int8'):,}",
     ]
+
+
+class BiasTable(nn.Module):
+    """A Linear that maps a fixed table, not the images (as Swin-V2's cpb_mlp does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table_mlp = nn.Linear(2, 4)
+        self.head = nn.Linear(12, 4)
+        self.register_buffer("coords", torch.randn(5, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table_mlp(self.coords).mean()
+        return self.head(x.flatten(1)) + bias
+
+
+def test_a_layer_whose_output_has_no_image_dimension_gets_weight_sites_only():
+    space = find_sites(BiasTable(), torch.randn(3, 3, 2, 2))
+    table, head = space["table_mlp"], space["head"]
+    assert table.neuron_elements == 0 and "no image dimension" in table.neuron_note
+    assert table.weight_elements == 8
+    assert head.neuron_elements == 4
