@@ -20,3 +20,10 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         write_bytes_atomic(path, object())  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_files_get_the_permissions_a_plain_open_would_give(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = write_bytes_atomic(tmp_path / "atomic.txt", b"x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
