@@ -3,18 +3,21 @@ sizes, allocation of further trials, and the baseline-vs-text ratio.
 
 A campaign samples each stratum (model x kind x layer x format x bit) separately; a model-level
 SDC rate is the average of the stratum rates weighted by each stratum's share of the fault space,
-and its variance is the weighted sum of the stratum variances (with the finite-population
-correction where a stratum is small enough to matter).
+and its variance is the weighted sum of the stratum variances (trials are drawn with
+replacement, so without a finite-population correction; an exhaustively run stratum has none).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import beta, norm
+
+# Pseudo-trials at the pool's rate for a stratum of a pool without SDC (see shrunk_rates).
+PRIOR_TRIALS = 2.0
 
 
 def _z(confidence: float) -> float:
@@ -55,10 +58,7 @@ class StratifiedEstimate:
     variance: float
     low: float
     high: float
-
-    @property
-    def margin(self) -> float:
-        return (self.high - self.low) / 2
+    margin: float  # z * standard error: the half-width before clipping to [0, 1]
 
 
 def stratified_estimate(
@@ -66,12 +66,15 @@ def stratified_estimate(
     trials: Sequence[int],
     population: Sequence[float],
     confidence: float = 0.95,
+    pools: Sequence[Hashable] | None = None,
 ) -> StratifiedEstimate:
     """Rate over the union of strata, each weighted by its ``population`` (fault-space size).
 
-    Per stratum the variance is p(1-p)/n times the finite-population correction (N-n)/(N-1);
-    p is replaced by (k + 0.5)/(n + 1) in the variance so that strata with no SDC yet still
-    contribute uncertainty (the interval never collapses to a point at 0).
+    Per stratum the variance is p(1-p)/n: trials are drawn with replacement, so there is no
+    finite-population correction, except that a stratum run exhaustively (n >= N, every
+    (site, image) once) is known exactly;
+    with p shrunk (:func:`shrunk_rates`) so that strata with no SDC yet still contribute
+    uncertainty (the interval never collapses to a point at 0).
     """
     k = np.asarray(successes, dtype=float)
     n = np.asarray(trials, dtype=float)
@@ -80,11 +83,57 @@ def stratified_estimate(
         raise ValueError("strata need 0 <= successes <= trials and trials > 0")
     weight = size / size.sum()
     rate = float((weight * k / n).sum())
-    shrunk = (k + 0.5) / (n + 1)
-    correction = np.where(size > 1, np.clip((size - n) / np.maximum(size - 1, 1), 0, 1), 0.0)
-    variance = float((weight**2 * shrunk * (1 - shrunk) / n * correction).sum())
+    shrunk = shrunk_rates(k, n, pools)
+    sampled = n < size
+    variance = float((weight**2 * shrunk * (1 - shrunk) / n * sampled).sum())
     half = _z(confidence) * math.sqrt(variance)
-    return StratifiedEstimate(rate, variance, max(0.0, rate - half), min(1.0, rate + half))
+    return StratifiedEstimate(rate, variance, max(0.0, rate - half), min(1.0, rate + half), half)
+
+
+def shrunk_rates(
+    successes: Sequence[float], trials: Sequence[float], pools: Sequence[Hashable] | None = None
+) -> np.ndarray:
+    """Per-stratum rates for variances: (k + 0.5) / (n + 1), so a stratum with no SDC yet is
+    not taken for certain.
+
+    With ``pools`` (a label per stratum; strata of one bit position across layers, say), a
+    stratum whose whole pool has seen no SDC is shrunk towards the rest of its pool instead:
+    2 pseudo-trials at (K + 0.5) / (N + 1) over the K SDCs of the N trials of the *other*
+    strata of its pool. Why: in a campaign most strata are low mantissa bits that never corrupt
+    anything, and charging each of them the generic prior's variance costs several times the
+    trials that the margin needs; many clean strata of one bit are evidence that the bit is
+    harmless everywhere. A stratum alone in its pool gets a prior of 0.5 (no evidence), and
+    strata of pools with any SDC keep the generic, conservative shrinkage. Coverage under
+    sequential sampling is checked by simulation in tests/campaign/test_sequential.py.
+    """
+    k = np.asarray(successes, dtype=float)
+    n = np.asarray(trials, dtype=float)
+    shrunk = (k + 0.5) / (n + 1)
+    if pools is None:
+        return shrunk
+    quiet = _pooled(k, pools) == 0
+    prior = pooled_rates(k, n, pools)
+    return np.where(quiet, (k + PRIOR_TRIALS * prior) / (n + PRIOR_TRIALS), shrunk)
+
+
+def pooled_rates(
+    successes: Sequence[float], trials: Sequence[float], pools: Sequence[Hashable]
+) -> np.ndarray:
+    """For each stratum, the rate (K + 0.5) / (N + 1) of the *other* strata of its pool: what
+    sequential sampling allocates by, so that a stratum's own counts never steer its own later
+    sample (which biases its estimate low: strata that looked clean by chance would get fewer
+    trials to correct them)."""
+    k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    return (_pooled(k, pools) - k + 0.5) / (_pooled(n, pools) - n + 1)
+
+
+def _pooled(values: np.ndarray, pools: Sequence[Hashable]) -> np.ndarray:
+    """Each stratum's pool total of ``values``."""
+    if len(pools) != len(values):
+        raise ValueError("pools needs one label per stratum")
+    labels = {label: i for i, label in enumerate(dict.fromkeys(pools))}
+    index = np.array([labels[label] for label in pools])
+    return np.bincount(index, values, minlength=len(labels))[index]
 
 
 def leveugle_sample_size(
@@ -98,15 +147,19 @@ def leveugle_sample_size(
 
 
 def neyman_allocation(
-    successes: Sequence[int], trials: Sequence[int], population: Sequence[float], extra: int
+    successes: Sequence[int],
+    trials: Sequence[int],
+    population: Sequence[float],
+    extra: int,
+    pools: Sequence[Hashable] | None = None,
 ) -> np.ndarray:
     """How to spend ``extra`` more trials across strata: in proportion to population x standard
-    deviation (Neyman), less what each stratum already has; never negative."""
-    k = np.asarray(successes, dtype=float)
+    deviation (Neyman), less what each stratum already has; never negative. With ``pools``, the
+    deviations are the pools' (:func:`pooled_rates`), not each stratum's own."""
     n = np.asarray(trials, dtype=float)
     size = np.asarray(population, dtype=float)
-    shrunk = (k + 0.5) / (n + 1)
-    score = size * np.sqrt(shrunk * (1 - shrunk))
+    rates = _allocation_rates(successes, trials, pools)
+    score = size * np.sqrt(rates * (1 - rates))
     target = score / score.sum() * (n.sum() + extra)
     need = np.clip(target - n, 0, None)
     if need.sum() == 0:
@@ -115,6 +168,14 @@ def neyman_allocation(
     remainder = extra - allocation.sum()
     allocation[np.argsort(-(need - allocation))[:remainder]] += 1
     return allocation
+
+
+def _allocation_rates(
+    successes: Sequence[int], trials: Sequence[int], pools: Sequence[Hashable] | None
+) -> np.ndarray:
+    if pools is None:
+        return shrunk_rates(successes, trials)
+    return pooled_rates(successes, trials, pools)
 
 
 def ratio_interval(
@@ -127,3 +188,96 @@ def ratio_interval(
     ratio = rate_a / rate_b
     spread = _z(confidence) * math.sqrt(variance_a / rate_a**2 + variance_b / rate_b**2)
     return ratio, ratio * math.exp(-spread), ratio * math.exp(spread)
+
+
+def neyman_total(
+    successes: Sequence[int],
+    trials: Sequence[int],
+    population: Sequence[float],
+    margin: float,
+    confidence: float,
+    pools: Sequence[Hashable] | None = None,
+) -> int:
+    """Total trials a Neyman-allocated stratified sample needs for a half-width of ``margin``
+    at ``confidence``, with the deviations estimated from the counts so far as
+    :func:`neyman_allocation` does (Cochran 5.25; trials are drawn with replacement)."""
+    size = np.asarray(population, dtype=float)
+    weight = size / size.sum()
+    rates = _allocation_rates(successes, trials, pools)
+    deviation = np.sqrt(rates * (1 - rates))
+    target_variance = (margin / _z(confidence)) ** 2
+    total = (weight * deviation).sum() ** 2 / target_variance
+    return math.ceil(total)
+
+
+def bootstrap_ratio_interval(
+    strata_a: tuple[Sequence[int], Sequence[int], Sequence[float]],
+    strata_b: tuple[Sequence[int], Sequence[int], Sequence[float]],
+    confidence: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Ratio of two stratified rates, a / b, with a percentile interval from a stratified
+    (parametric) bootstrap: each stratum's count is redrawn from Binomial(n, k/n). Slower than
+    :func:`ratio_interval` but makes no normal approximation, which matters when few SDCs were
+    seen. ``strata_*`` are (successes, trials, population) per stratum."""
+    rng = np.random.default_rng(seed)
+
+    def draws(strata: tuple[Sequence[int], Sequence[int], Sequence[float]]) -> np.ndarray:
+        k, n, size = (np.asarray(column, dtype=float) for column in strata)
+        weight = size / size.sum()
+        redrawn = rng.binomial(n.astype(np.int64), k / n, size=(resamples, len(n)))
+        return (redrawn / n * weight).sum(axis=1)
+
+    rate_a = stratified_estimate(*strata_a).rate
+    rate_b = stratified_estimate(*strata_b).rate
+    if rate_a <= 0 or rate_b <= 0:
+        raise ValueError("a ratio of SDC rates needs both rates above 0")
+    alpha = 1 - confidence
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = draws(strata_a) / draws(strata_b)
+        ratios = np.where(np.isnan(ratios), np.inf, ratios)
+        low, high = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
+    high = np.inf if np.isnan(high) else high  # interpolated between two infinite draws
+    return rate_a / rate_b, float(low), float(high)
+
+
+@dataclass(frozen=True)
+class ClusterSums:
+    """The sums over clusters that :func:`effective_sample_size` needs, so that a database can
+    compute them in one aggregate instead of handing every cluster to Python. With k_i SDCs
+    out of m_i trials in cluster i: ``clusters`` = number of clusters, ``trials`` = sum m_i,
+    ``successes`` = sum k_i, ``successes_squared`` = sum k_i^2 / m_i, ``trials_squared`` =
+    sum m_i^2."""
+
+    clusters: int
+    trials: float
+    successes: float
+    successes_squared: float
+    trials_squared: float
+
+
+def effective_sample_size(successes: Sequence[int], trials: Sequence[int]) -> float:
+    """Trials' worth of independent information when trials come in clusters that share one
+    fault (e.g. one weight flip evaluated on many images): n / design effect, with Kish's
+    design effect 1 + (m0 - 1) * rho and rho the one-way ANOVA intra-cluster correlation.
+    ``successes[i]`` SDCs out of ``trials[i]`` images in cluster i."""
+    k = np.asarray(successes, dtype=float)
+    m = np.asarray(trials, dtype=float)
+    sums = ClusterSums(len(m), m.sum(), k.sum(), (k**2 / m).sum(), (m**2).sum())
+    return effective_sample_size_from_sums(sums)
+
+
+def effective_sample_size_from_sums(sums: ClusterSums) -> float:
+    """:func:`effective_sample_size` from the clusters' sums; the ANOVA terms expand into them:
+    sum m (p - overall)^2 = sum k^2/m - overall * sum k, sum m p (1 - p) = sum k - sum k^2/m."""
+    total, clusters = sums.trials, sums.clusters
+    if clusters < 2 or total <= clusters:
+        return float(total)
+    overall = sums.successes / total
+    between = (sums.successes_squared - overall * sums.successes) / (clusters - 1)
+    within = (sums.successes - sums.successes_squared) / (total - clusters)
+    m0 = (total - sums.trials_squared / total) / (clusters - 1)
+    spread = between + (m0 - 1) * within
+    rho = 0.0 if spread <= 0 else float(np.clip((between - within) / spread, 0.0, 1.0))
+    return float(total / (1 + (m0 - 1) * rho))
