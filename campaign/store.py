@@ -69,14 +69,15 @@ class Store:
     root: str  # the campaign folder, in the file system's own path syntax
 
     @classmethod
-    def open(cls, uri: str, campaign: str) -> Store:
+    def open(cls, uri: str, campaign: str, *, create: bool = True) -> Store:
         """``uri`` is a local folder or any URI pyarrow understands (s3://, gs://, file://)."""
         try:
             filesystem, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError):
             filesystem, path = pafs.LocalFileSystem(), _absolute_local(uri)
         root = f"{path.rstrip('/')}/{campaign}"
-        filesystem.create_dir(root, recursive=True)
+        if create:
+            filesystem.create_dir(root, recursive=True)
         return cls(filesystem, root)
 
     def shard_path(self, model: str, kind: str, layer: str, shard: int) -> str:

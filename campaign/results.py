@@ -1,0 +1,153 @@
+"""A finished (or running) campaign as DuckDB views: ``trials`` and ``golden`` over the Parquet
+files of any pyarrow file system (a local folder or a URI such as ``s3://bucket/prefix/name``),
+with the hive partition columns (model, kind, layer) restored from the paths.
+
+    >>> results = open_results("bitstorm-default/campaigns/digits_default")
+    >>> results.sql("select model, kind, avg(sdc::int) from trials group by all").df()
+
+Only complete shards are visible: writers use hidden temporary names (``.``-prefixed), which
+pyarrow datasets skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from bitstorm.errors import DataError
+from campaign.stats import StratifiedEstimate, stratified_estimate
+from campaign.store import GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
+
+if TYPE_CHECKING:
+    import pandas
+
+
+@dataclass(frozen=True)
+class StratumCounts:
+    """Trials and SDCs of one stratum, with the stratum's size in the fault space
+    (sites x images: every (site, image) pair at this bit is one possible trial)."""
+
+    model: str
+    kind: str
+    layer: str
+    fmt: str
+    bit: int
+    trials: int
+    sdc: int
+    population: int
+
+
+@dataclass
+class Results:
+    store: Store
+    manifest: dict[str, Any]
+    connection: duckdb.DuckDBPyConnection
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """Run SQL over the views ``trials`` and ``golden``; returns a lazy relation
+        (``.df()``, ``.arrow()``, ``.fetchall()``)."""
+        return self.connection.sql(query)
+
+    def df(self, query: str) -> pandas.DataFrame:
+        return self.sql(query).df()
+
+    @property
+    def images(self) -> int:
+        return len(self.manifest.get("images", []))
+
+    def sites(self) -> dict[tuple[str, str, str, str], int]:
+        """Sites per (model, kind, layer, format) from the plan: per image for neurons."""
+        return {
+            (s["model"], s["kind"], s["layer"], s["fmt"]): int(s["sites"])
+            for s in self.manifest.get("plan", {}).get("shard_list", [])
+        }
+
+    def strata(self, where: str = "true") -> list[StratumCounts]:
+        """Counts per stratum (model x kind x layer x format x bit) of the trials that match
+        the SQL condition ``where``."""
+        sites = self.sites()
+        rows = self.sql(
+            "select model, kind, layer, format, bit, count(*), sum(sdc::int) "
+            f"from trials where {where} group by all order by all"
+        ).fetchall()
+        strata = []
+        for model, kind, layer, fmt, bit, trials, sdc in rows:
+            if (model, kind, layer, fmt) not in sites:
+                raise DataError(
+                    f"{self.store.root}: trials of {model}/{kind}/{layer}/{fmt} are not in the "
+                    "manifest's plan (files from another campaign?)"
+                )
+            population = sites[model, kind, layer, fmt] * max(1, self.images)
+            strata.append(
+                StratumCounts(model, kind, layer, fmt, int(bit), int(trials), int(sdc), population)
+            )
+        return strata
+
+
+def open_results(location: str, campaign: str | None = None) -> Results:
+    """Open the campaign folder ``location`` (or ``location/campaign``) read-only."""
+    if campaign is None:
+        location, _, campaign = location.rstrip("/").rpartition("/")
+        location = location or "."
+    return results_of(Store.open(location, campaign, create=False))
+
+
+def results_of(store: Store) -> Results:
+    """The campaign in ``store`` as it is on disk now (files written later are not seen: open
+    it again for those)."""
+    manifest = store.read_json(store.manifest_path)
+    if manifest is None:
+        raise DataError(f"{store.root} is not a campaign folder (it has no manifest.json)")
+    connection = duckdb.connect()
+    connection.register("trials", _dataset(store, "trials", TRIAL_SCHEMA, PARTITION_COLUMNS))
+    connection.register("golden", _dataset(store, "golden", GOLDEN_SCHEMA, ("model",)))
+    return Results(store, manifest, connection)
+
+
+def by_estimate(strata: Iterable[StratumCounts]) -> dict[tuple[str, str], list[StratumCounts]]:
+    """Strata grouped by reported estimate: one SDC rate per (model, kind)."""
+    groups: dict[tuple[str, str], list[StratumCounts]] = {}
+    for stratum in strata:
+        groups.setdefault((stratum.model, stratum.kind), []).append(stratum)
+    return dict(sorted(groups.items()))
+
+
+def counts(strata: Sequence[StratumCounts]) -> tuple[list[int], list[int], list[int]]:
+    """(successes, trials, population) columns, as the functions of campaign.stats take them."""
+    return [s.sdc for s in strata], [s.trials for s in strata], [s.population for s in strata]
+
+
+def bit_pools(strata: Sequence[StratumCounts]) -> list[tuple[str, str, str, int]]:
+    """A pool label per stratum: one bit position of one format across the layers of a model
+    and kind (see campaign.stats.shrunk_rates)."""
+    return [(s.model, s.kind, s.fmt, s.bit) for s in strata]
+
+
+def estimate(strata: Sequence[StratumCounts], confidence: float = 0.95) -> StratifiedEstimate:
+    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position."""
+    return stratified_estimate(*counts(strata), confidence=confidence, pools=bit_pools(strata))
+
+
+def _dataset(
+    store: Store, folder: str, schema: pa.Schema, partitions: tuple[str, ...]
+) -> ds.Dataset:
+    """The Parquet files under ``folder`` with the partition columns (strings) taken from the
+    paths; an empty table of the same columns when no file exists yet."""
+    partitioning = ds.partitioning(pa.schema([(c, pa.string()) for c in partitions]), flavor="hive")
+    path = f"{store.root}/{folder}"
+    columns = [pa.field(c, pa.string()) for c in partitions]
+    columns += [f for f in schema if f.name not in partitions]
+    empty = ds.dataset(pa.schema(columns).empty_table())
+    if store.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return empty
+    dataset = ds.dataset(
+        path, filesystem=store.filesystem, format="parquet", partitioning=partitioning
+    )
+    # A folder whose only files are hidden (a first shard still being written) has no columns.
+    return dataset if dataset.files else empty

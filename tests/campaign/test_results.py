@@ -1,0 +1,143 @@
+"""campaign.results on campaign folders written the way the runner writes them (Store,
+trial_table, manifest): the DuckDB views, what is visible while shards are being written, and
+the stratum counts the statistics take."""
+
+import pandas as pd
+import pytest
+
+from bitstorm.errors import DataError
+from campaign.results import by_estimate, counts, open_results, results_of
+from campaign.store import Store, trial_table
+from tests.campaign.conftest import model_entry
+
+IMAGES = 8
+SITES = {
+    ("base", "weight", "conv1"): 100,
+    ("base", "weight", "fc"): 50,
+    ("base", "neuron", "conv1"): 300,
+    ("text", "weight", "conv1"): 100,
+    ("text", "weight", "fc.projection"): 200,
+}
+COUNTS = {  # (model, kind, layer, bit) -> (trials, sdc)
+    ("base", "weight", "conv1", 0): (20, 1),
+    ("base", "weight", "conv1", 30): (20, 8),
+    ("base", "weight", "fc", 0): (10, 0),
+    ("base", "weight", "fc", 30): (12, 6),
+    ("base", "neuron", "conv1", 30): (7, 3),
+    ("text", "weight", "conv1", 0): (20, 0),
+    ("text", "weight", "conv1", 30): (20, 5),
+    ("text", "weight", "fc.projection", 30): (16, 4),
+}
+MODELS = {"base": model_entry("linear"), "text": model_entry("text")}
+
+
+@pytest.fixture
+def campaign(synthetic_campaign):
+    return synthetic_campaign("demo", COUNTS, SITES, MODELS, images=IMAGES)
+
+
+def test_views_restore_the_hive_columns_and_hold_every_row(campaign):
+    results = open_results(campaign)
+    trials = results.df("select * from trials")
+    assert isinstance(trials, pd.DataFrame)
+    assert {"model", "kind", "layer", "bit", "sdc", "shard"} <= set(trials.columns)
+    assert len(trials) == sum(n for n, _ in COUNTS.values())
+    by_hand = {}
+    for (model, kind, layer, _), (n, k) in COUNTS.items():
+        trials_sdc = by_hand.setdefault((model, kind, layer), [0, 0])
+        trials_sdc[0] += n
+        trials_sdc[1] += k
+    seen = trials.groupby(["model", "kind", "layer"]).agg(n=("sdc", "size"), k=("sdc", "sum"))
+    assert {key: [int(r.n), int(r.k)] for key, r in seen.iterrows()} == by_hand
+    golden = results.df("select * from golden")
+    assert {"model", "image", "golden_top1"} <= set(golden.columns)
+    assert len(golden) == IMAGES * len(MODELS)
+    assert sorted(golden["model"].unique()) == sorted(MODELS)
+
+
+def test_a_hidden_half_written_file_is_not_seen(campaign):
+    folder = f"{campaign}/trials/model=base/kind=weight/layer=fc"
+    with open(f"{folder}/.shard-000099.parquet.dead.tmp", "wb") as handle:
+        handle.write(b"PAR1 half a file")
+    results = open_results(campaign)
+    assert results.sql("select count(*) from trials").fetchall() == [
+        (sum(n for n, _ in COUNTS.values()),)
+    ]
+
+
+def test_strata_count_like_a_groupby_with_population_from_the_plan(campaign):
+    results = open_results(campaign)
+    strata = results.strata()
+    frame = results.df("select * from trials")
+    grouped = frame.groupby(["model", "kind", "layer", "format", "bit"])["sdc"].agg(["size", "sum"])
+    assert {(s.model, s.kind, s.layer, s.fmt, s.bit): (s.trials, s.sdc) for s in strata} == {
+        key: (int(row["size"]), int(row["sum"])) for key, row in grouped.iterrows()
+    }
+    assert len(strata) == len(COUNTS)
+    for s in strata:
+        assert s.population == SITES[s.model, s.kind, s.layer] * IMAGES
+        assert (s.trials, s.sdc) == COUNTS[s.model, s.kind, s.layer, s.bit]
+    # The where clause filters trials before counting.
+    only_bit_30 = results.strata(where="bit = 30")
+    assert {s.bit for s in only_bit_30} == {30}
+    assert len(only_bit_30) == sum(1 for key in COUNTS if key[3] == 30)
+    # Grouped per reported estimate, and as the columns the statistics take.
+    groups = by_estimate(strata)
+    assert list(groups) == [("base", "neuron"), ("base", "weight"), ("text", "weight")]
+    successes, trials, population = counts(groups["text", "weight"])
+    assert successes == [0, 5, 4] and trials == [20, 20, 16]
+    assert population == [100 * IMAGES, 100 * IMAGES, 200 * IMAGES]
+
+
+def test_trials_of_a_layer_missing_from_the_plan_raise(campaign):
+    # A shard of another campaign copied in: same path scheme, a layer this plan never had.
+    parent, _, name = campaign.rpartition("/")
+    store = Store.open(parent, name, create=False)
+    rows = {"index": [1, 2], "bit": 0, "format": "fp32", "image": 0, "label": 0}
+    rows |= {"golden_top1": 0, "faulty_top1": 0, "sdc": False, "non_finite": False}
+    rows |= {"top2diff": 1.0, "value_before": 1.0, "value_after": 2.0, "shard": 0}
+    store.write_table(store.shard_path("base", "weight", "layer9", 0), trial_table(rows))
+    results = open_results(campaign)
+    with pytest.raises(DataError, match=r"base/weight/layer9/fp32 are not in the manifest"):
+        results.strata()
+    assert len(results.strata(where="layer != 'layer9'")) == len(COUNTS)
+
+
+def test_a_folder_without_manifest_is_refused_by_name(tmp_path):
+    (tmp_path / "nothing" / "trials").mkdir(parents=True)
+    with pytest.raises(DataError, match=rf"{tmp_path}/nothing is not a campaign folder"):
+        open_results(str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match=r"no manifest\.json"):
+        open_results(str(tmp_path), "missing")
+
+
+@pytest.mark.parametrize("half_written", [False, True])
+def test_a_campaign_without_trials_yet_gives_empty_views(tmp_path, half_written):
+    store = Store.open(str(tmp_path), "fresh")
+    store.write_json(store.manifest_path, {"images": [0, 1], "plan": {"shard_list": []}})
+    if half_written:  # the first shard is being written: its folder holds only a hidden file
+        folder = tmp_path / "fresh" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+        folder.mkdir(parents=True)
+        (folder / ".shard-000000.parquet.abc.tmp").write_bytes(b"PAR1 half")
+    results = results_of(store)
+    assert results.strata() == []
+    assert results.sql("select count(*) from trials").fetchall() == [(0,)]
+    assert results.sql("select count(*) from golden").fetchall() == [(0,)]
+    columns = results.sql("select * from trials").columns
+    assert {"model", "kind", "layer", "format", "bit", "sdc", "shard"} <= set(columns)
+    assert {"model", "image"} <= set(results.sql("select * from golden").columns)
+
+
+def test_parent_and_name_or_one_path_open_the_same_campaign(campaign):
+    parent, _, name = campaign.rpartition("/")
+    one, two, three = (
+        open_results(parent, name),
+        open_results(campaign),
+        open_results(campaign + "/"),
+    )
+    assert one.store == two.store == three.store
+    assert one.strata() == two.strata() == three.strata()
+    assert one.manifest == two.manifest
+    query = "select model, kind, layer, bit, count(*) n from trials group by all order by all"
+    assert one.sql(query).fetchall() == two.sql(query).fetchall()
+    assert one.images == two.images == IMAGES
