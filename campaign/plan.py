@@ -23,8 +23,11 @@ from campaign.stats import leveugle_sample_size
 class Shard:
     """A unit of work: trials of one (model, kind, layer, format) for some bits.
 
-    Sampled shards draw ``per_bit`` trials per bit (site and image uniform) from a generator
-    seeded by the stratum alone; exhaustive shards cover sites ``[start, stop)`` x every image.
+    Sampled shards draw ``counts[i]`` trials at ``bits[i]`` (site and image uniform). In the
+    first round the generator is seeded by the stratum alone (so the shard size never changes
+    which trials a stratum gets); later rounds of sequential sampling add the shard id (unique
+    in the plan) and the position, as one bit may appear twice in a shard. Exhaustive shards
+    cover sites ``[start, stop)`` x every image.
     """
 
     id: int
@@ -34,34 +37,35 @@ class Shard:
     fmt: str
     bits: tuple[int, ...]
     sites: int  # elements of the layer for this kind (per image, for neurons)
-    per_bit: int = 0
+    counts: tuple[int, ...] = ()  # trials per bit; empty for exhaustive shards
     start: int = 0
     stop: int = 0
     seed: int = 0
+    round: int = 0
 
     @property
     def exhaustive(self) -> bool:
-        return self.per_bit == 0
+        return not self.counts
 
     def size(self, images: int) -> int:
-        per_bit = (self.stop - self.start) * images if self.exhaustive else self.per_bit
-        return per_bit * len(self.bits)
+        if self.exhaustive:
+            return (self.stop - self.start) * images * len(self.bits)
+        return sum(self.counts)
 
     def trials(self, images: int) -> TrialGroup:
         indices, bits, image_ids = [], [], []
-        for bit in self.bits:
+        for position, bit in enumerate(self.bits):
             if self.exhaustive:
                 sites = torch.arange(self.start, self.stop)
                 indices.append(sites.repeat_interleave(images))
                 image_ids.append(torch.arange(images).repeat(len(sites)))
                 count = len(sites) * images
             else:
-                rng = np.random.default_rng(
-                    [self.seed, _stable(self.model, self.kind, self.layer, self.fmt), bit]
-                )
-                indices.append(torch.from_numpy(rng.integers(0, self.sites, self.per_bit)))
-                image_ids.append(torch.from_numpy(rng.integers(0, images, self.per_bit)))
-                count = self.per_bit
+                key = [self.seed, _stable(self.model, self.kind, self.layer, self.fmt), bit]
+                rng = np.random.default_rng(key if self.round == 0 else [*key, self.id, position])
+                count = self.counts[position]
+                indices.append(torch.from_numpy(rng.integers(0, self.sites, count)))
+                image_ids.append(torch.from_numpy(rng.integers(0, images, count)))
             bits.append(torch.full((count,), bit, dtype=torch.long))
         return TrialGroup(
             self.kind,
@@ -132,20 +136,63 @@ def _stratum_shards(
                     )
                 )
         return shards
-    if spec.sampling == "margin":
+    if spec.sampling == "leveugle":
         per_bit = leveugle_sample_size(sites * images, spec.margin, spec.confidence)
-    else:
+    else:  # per_stratum, and the first round of sequential sampling
         per_bit = spec.trials_per_stratum
     bits_per_shard = max(1, spec.shard_size // per_bit)
     for start in range(0, len(bits), bits_per_shard):
+        chunk = tuple(bits[start : start + bits_per_shard])
         shards.append(
-            Shard(
-                id=first_id + len(shards),
-                bits=tuple(bits[start : start + bits_per_shard]),
-                per_bit=per_bit,
-                **base,
-            )
+            Shard(id=first_id + len(shards), bits=chunk, counts=(per_bit,) * len(chunk), **base)
         )
+    return shards
+
+
+def make_round(
+    spec: CampaignSpec,
+    extra: dict[tuple[str, str, str, str, int], int],
+    sites: dict[tuple[str, str, str, str], int],
+    round: int,
+    first_id: int,
+) -> list[Shard]:
+    """Shards for one more round of sequential sampling: ``extra`` trials per stratum (model,
+    kind, layer, format, bit), packed into shards of about ``shard_size`` trials per (model,
+    kind, layer, format); a stratum needing more than a shard is split across shards."""
+    by_layer: dict[tuple[str, str, str, str], list[tuple[int, int]]] = {}
+    for (model, kind, layer, fmt, bit), count in sorted(extra.items()):
+        if count > 0:
+            by_layer.setdefault((model, kind, layer, fmt), []).append((bit, count))
+    shards: list[Shard] = []
+    for key, wanted in by_layer.items():
+        model, kind, layer, fmt = key
+        pieces = [
+            (bit, min(spec.shard_size, count - done))
+            for bit, count in wanted
+            for done in range(0, count, spec.shard_size)
+        ]
+        batch: list[tuple[int, int]] = []
+        for piece in [*pieces, None]:
+            full = piece is None or sum(c for _, c in batch) + piece[1] > spec.shard_size
+            if batch and full:
+                bits, counts = zip(*batch, strict=True)
+                shards.append(
+                    Shard(
+                        id=first_id + len(shards),
+                        model=model,
+                        kind=kind,
+                        layer=layer,
+                        fmt=fmt,
+                        bits=bits,
+                        sites=sites[key],
+                        counts=counts,
+                        seed=spec.seed,
+                        round=round,
+                    )
+                )
+                batch = []
+            if piece is not None:
+                batch.append(piece)
     return shards
 
 

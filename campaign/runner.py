@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from bitstorm import __version__
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
-from campaign.plan import Shard, make_plan
+from campaign.plan import Shard, make_plan, make_round
+from campaign.results import by_estimate, counts, estimate, results_of
+from campaign.sequential import GroupStatus, Target, group_status, next_round
 from campaign.sites import LayerSite, find_sites, select_layers
 from campaign.spec import CampaignSpec
-from campaign.stats import stratified_estimate
 from campaign.store import Store
 from campaign.workers import CampaignImages, ShardWorker, golden_table, load_models, select_images
 from embeddings.store import load_embeddings
@@ -48,6 +49,7 @@ class SummaryRow:
     rate: float
     low: float
     high: float
+    confidence: float
 
 
 def validate(spec: CampaignSpec) -> tuple[dict[str, torch.nn.Module], dict[str, list[LayerSite]]]:
@@ -110,121 +112,199 @@ def run_campaign(
         if not store.exists(path):
             store.write_table(path, golden_table(model, images))
     plan = make_plan(spec, sites, len(images.indices))
-    manifest = _manifest(spec, plan, images, status="running")
-    store.write_json(store.manifest_path, manifest)
-    pending = [s for s in plan if not store.exists(_path(store, s))]
-    total = sum(s.size(len(images.indices)) for s in plan)
-    done = total - sum(s.size(len(images.indices)) for s in pending)
-    log.info(
-        "campaign %s: %d shards (%d to run), %d trials", spec.name, len(plan), len(pending), total
-    )
-    if pending:
-        _execute(spec, images, pending, done, total, progress)
+    with ShardPool(spec, images, progress) as pool:
+        _run_round(store, spec, images, plan, plan, pool, "")
+        if spec.sampling == "sequential":
+            _run_sequential_rounds(store, spec, images, plan, pool)
     store.write_json(store.manifest_path, _manifest(spec, plan, images, status="complete"))
-    return summarise(store)
+    return summarise(store, spec.confidence)
 
 
-def _execute(
+def _run_round(
+    store: Store,
     spec: CampaignSpec,
     images: CampaignImages,
-    pending: list[Shard],
-    done: int,
-    total: int,
-    progress: bool,
+    plan: list[Shard],
+    shards: list[Shard],
+    pool: ShardPool,
+    label: str,
 ) -> None:
-    import ray
-    from ray.exceptions import RayActorError
-
-    if not ray.is_initialized():
-        ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
-    worker_class = ray.remote(ShardWorker)
-    options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor}
-    count = min(spec.actors, len(pending))
-    generation = [0] * count
-
-    def start(slot: int):
-        name = f"bitstorm-{spec.name}-worker-{slot}-{generation[slot]}"
-        return worker_class.options(name=name, **options).remote(spec, images)
-
-    actors = [start(slot) for slot in range(count)]
-    queue: deque[Shard] = deque(pending)
-    in_flight: dict[Any, tuple[Shard, int, int]] = {}
-    retries: Counter[int] = Counter()
-
-    def submit(slot: int) -> None:
-        while queue and sum(1 for _, s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR:
-            shard = queue.popleft()
-            in_flight[actors[slot].run.remote(shard)] = (shard, slot, generation[slot])
-
-    for slot in range(count):
-        submit(slot)
-    bar = tqdm(
-        total=total,
-        initial=done,
-        unit="trial",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"campaign {spec.name}",
+    """Record the plan so far, then run the shards of this round that have no file yet."""
+    store.write_json(store.manifest_path, _manifest(spec, plan, images, status="running"))
+    pending = [s for s in shards if not store.exists(_path(store, s))]
+    sizes = [s.size(len(images.indices)) for s in shards]
+    todo = sum(s.size(len(images.indices)) for s in pending)
+    log.info(
+        "campaign %s%s: %d shards (%d to run), %d trials",
+        spec.name,
+        label,
+        len(shards),
+        len(pending),
+        sum(sizes),
     )
-    started = time.perf_counter()
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        shard, slot, born = in_flight.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except RayActorError:
-            retries[shard.id] += 1
-            if retries[shard.id] > MAX_SHARD_RETRIES:
-                raise DataError(
-                    f"shard {shard.id} failed {MAX_SHARD_RETRIES} times: its "
-                    "actors keep dying (out of memory?)"
-                ) from None
-            queue.appendleft(shard)
-            if born == generation[slot]:  # the first failure seen from this actor: replace it
-                log.warning("actor %d died; retrying its shards on a fresh actor", slot)
-                generation[slot] += 1
-                actors[slot] = start(slot)
+    if pending:
+        pool.run(pending, done=sum(sizes) - todo, total=sum(sizes), label=label)
+
+
+def _run_sequential_rounds(
+    store: Store, spec: CampaignSpec, images: CampaignImages, plan: list[Shard], pool: ShardPool
+) -> None:
+    """Add rounds until every model x kind SDC rate meets the margin (see campaign.sequential);
+    ``plan`` grows in place, so the manifest always lists every shard run so far."""
+    target = Target(spec.margin, spec.confidence, spec.max_trials)
+    sites = {(s.model, s.kind, s.layer, s.fmt): s.sites for s in plan}
+    for round in range(1, spec.max_rounds + 1):
+        # Only the rounds so far (shard ids grow with the rounds): a resumed campaign whose
+        # later rounds are already on disk replays the same decisions.
+        strata = results_of(store).strata(where=f"shard < {len(plan)}")
+        _log_status(group_status(strata, target), round - 1)
+        extra = next_round(strata, target)
+        if not extra:
+            return
+        shards = make_round(spec, extra, sites, round, first_id=len(plan))
+        plan.extend(shards)
+        _run_round(store, spec, images, plan, shards, pool, f" round {round}")
+    strata = results_of(store).strata()
+    statuses = group_status(strata, target)
+    _log_status(statuses, spec.max_rounds)
+    if not all(s.met for s in statuses):
+        log.warning(
+            "max_rounds=%d reached before every estimate met the margin %.3g; rerun with a "
+            "larger max_rounds to go on from here",
+            spec.max_rounds,
+            spec.margin,
+        )
+
+
+def _log_status(statuses: list[GroupStatus], round: int) -> None:
+    for s in statuses:
+        state = "met" if s.met else f"needs about {s.needed:,} trials"
+        if s.budget_left == 0 and not s.met:
+            state = "max_trials spent: margin NOT met"
+        log.info(
+            "after round %d: %s %s SDC %.4f%% +- %.4f%% from %d trials (%s)",
+            round,
+            s.model,
+            s.kind,
+            100 * s.rate,
+            100 * s.margin,
+            s.trials,
+            state,
+        )
+
+
+class ShardPool:
+    """A pool of Ray actors that evaluate shards, replacing actors that die; kept across the
+    rounds of a sequential campaign so models and golden caches load once."""
+
+    def __init__(self, spec: CampaignSpec, images: CampaignImages, progress: bool) -> None:
+        self.spec, self.images, self.progress = spec, images, progress
+        self.actors: list[Any] = []
+        self.generation: list[int] = []
+
+    def __enter__(self) -> ShardPool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def _start(self, slot: int) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
+        name = f"bitstorm-{self.spec.name}-worker-{slot}-{self.generation[slot]}"
+        options = {"num_cpus": self.spec.cpus_per_actor, "num_gpus": self.spec.gpus_per_actor}
+        return ray.remote(ShardWorker).options(name=name, **options).remote(self.spec, self.images)
+
+    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        while len(self.actors) < min(self.spec.actors, len(pending)):
+            self.generation.append(0)
+            self.actors.append(self._start(len(self.actors)))
+        queue: deque[Shard] = deque(pending)
+        in_flight: dict[Any, tuple[Shard, int, int]] = {}
+        retries: Counter[int] = Counter()
+
+        def submit(slot: int) -> None:
+            while (
+                queue
+                and sum(1 for _, s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR
+            ):
+                shard = queue.popleft()
+                in_flight[self.actors[slot].run.remote(shard)] = (
+                    shard,
+                    slot,
+                    self.generation[slot],
+                )
+
+        for slot in range(len(self.actors)):
             submit(slot)
-            continue
-        bar.update(result["rows"])
-        submit(slot)
-    bar.close()
-    log.info("ran %d shards in %.1f s", len(pending), time.perf_counter() - started)
+        bar = tqdm(
+            total=total,
+            initial=done,
+            unit="trial",
+            unit_scale=True,
+            disable=not self.progress,
+            desc=f"campaign {self.spec.name}{label}",
+        )
+        started = time.perf_counter()
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, slot, born = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError:
+                retries[shard.id] += 1
+                if retries[shard.id] > MAX_SHARD_RETRIES:
+                    raise DataError(
+                        f"shard {shard.id} failed {MAX_SHARD_RETRIES} times: its "
+                        "actors keep dying (out of memory?)"
+                    ) from None
+                queue.appendleft(shard)
+                if born == self.generation[slot]:  # first failure seen from it: replace it
+                    log.warning("actor %d died; retrying its shards on a fresh actor", slot)
+                    self.generation[slot] += 1
+                    self.actors[slot] = self._start(slot)
+                submit(slot)
+                continue
+            bar.update(result["rows"])
+            submit(slot)
+        bar.close()
+        log.info("ran %d shards in %.1f s", len(pending), time.perf_counter() - started)
 
 
-def summarise(store: Store) -> list[SummaryRow]:
+def summarise(store: Store, confidence: float = 0.95) -> list[SummaryRow]:
     """SDC rate per model and kind: each stratum (layer x format x bit) weighted by its share of
-    the fault space (the layer's sites, from the plan), with a 95% interval."""
-    import duckdb
-
-    manifest = store.read_json(store.manifest_path) or {}
-    sites = {
-        (s["model"], s["kind"], s["layer"], s["fmt"]): s["sites"]
-        for s in manifest.get("plan", {}).get("shard_list", [])
-    }
-    rows = duckdb.sql(
-        "select model::varchar, kind::varchar, layer::varchar, format, bit, count(*), "
-        "sum(sdc::int) from read_parquet("
-        f"'{store.root}/trials/**/*.parquet', hive_partitioning=true) "
-        "group by all order by 1, 2"
-    ).fetchall()
-    strata: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
-    for model, kind, layer, fmt, _bit, n, k in rows:
-        population = sites.get((model, kind, layer, fmt), 1)
-        strata.setdefault((model, kind), []).append((int(k), int(n), population))
+    the fault space (the layer's sites, from the plan), with an interval at ``confidence``."""
     summary = []
-    for (model, kind), counts in sorted(strata.items()):
-        k, n, population = zip(*counts, strict=True)
-        estimate = stratified_estimate(k, n, population)
+    for (model, kind), members in by_estimate(results_of(store).strata()).items():
+        successes, trials, _ = counts(members)
+        rate = estimate(members, confidence)
         summary.append(
-            SummaryRow(model, kind, sum(n), sum(k), estimate.rate, estimate.low, estimate.high)
+            SummaryRow(
+                model,
+                kind,
+                sum(trials),
+                sum(successes),
+                rate.rate,
+                rate.low,
+                rate.high,
+                confidence,
+            )
         )
     return summary
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
+    confidence = rows[0].confidence if rows else 0.95
     lines = [
-        f"{'model':<20}{'kind':<8}{'trials':>10}{'SDC rate':>11}  95% interval "
+        f"{'model':<20}{'kind':<8}{'trials':>10}{'SDC rate':>11}  {confidence:.0%} interval "
         "(stratified by layer x format x bit, weighted by fault-space share)"
     ]
     for row in rows:
@@ -249,6 +329,19 @@ def _example_input(spec: CampaignSpec, model: torch.nn.Module) -> tuple[int, ...
     return tuple(build_data(dataset, spec.data_root).val[0][0].shape)
 
 
+def model_facts(checkpoint: str) -> dict[str, Any]:
+    """What a report needs to know about a model without its checkpoint at hand."""
+    manifest = read_manifest(checkpoint)
+    config = manifest["config"]
+    return {
+        "backbone": config["backbone"],
+        "head": config["head"],
+        "dataset": config["dataset"],
+        "val_top1": manifest.get("metrics", {}).get("val_top1"),
+        "epoch": manifest.get("epoch"),
+    }
+
+
 def _manifest(
     spec: CampaignSpec, plan: list[Shard], images: CampaignImages, status: str
 ) -> dict[str, Any]:
@@ -261,6 +354,7 @@ def _manifest(
         "fingerprint": spec.fingerprint(),
         "spec": to_dict(spec),
         "images": images.indices,
+        "models": {entry.name: model_facts(entry.checkpoint) for entry in spec.model_entries()},
         "plan": {
             "shards": len(plan),
             "trials": sum(s.size(len(images.indices)) for s in plan),

@@ -16,7 +16,8 @@ from bitstorm.errors import ConfigError
 from campaign.bits import FORMATS, format_width
 
 KINDS = ("weight", "neuron")
-SAMPLINGS = ("per_stratum", "exhaustive", "margin")
+SAMPLINGS = ("per_stratum", "exhaustive", "leveugle", "sequential")
+SEQUENTIAL_KEYS = ("margin", "confidence")
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,17 @@ class CampaignSpec:
     formats: list[str] = field(default_factory=lambda: ["fp32"])
     bits: list[int] | None = None  # default: every bit of each format
     clamp: bool = False
-    # sampling, per stratum (model x kind x layer x format x bit)
-    sampling: str = "per_stratum"
+    # sampling, per stratum (model x kind x layer x format x bit). ``sequential`` starts with
+    # trials_per_stratum per stratum, then adds rounds of trials where the variance is until
+    # every model x kind SDC rate has a half-width <= margin at confidence (or max_trials per
+    # model x kind is spent). ``sampling: {margin: m, confidence: c}`` is short for
+    # sequential with that margin and confidence.
+    sampling: str | dict[str, float] = "per_stratum"
     trials_per_stratum: int = 64
     margin: float = 0.01
     confidence: float = 0.95
+    max_trials: int | None = None
+    max_rounds: int = 40
     seed: int = 0
     # output and resources
     output: str = "results"
@@ -79,14 +86,32 @@ class CampaignSpec:
                     raise ConfigError(
                         f"bits: {bit} is outside {fmt}'s bits 0..{format_width(fmt) - 1}"
                     )
+        if isinstance(self.sampling, dict):
+            self._expand_sampling(self.sampling)
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if not 0 < self.margin < 1 or not 0 < self.confidence < 1:
             raise ConfigError("margin and confidence must lie strictly between 0 and 1")
         positive = ("images", "trials_per_stratum", "actors", "batch_size", "shard_size")
-        for name in positive:
+        for name in (*positive, "max_rounds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_trials is not None and self.max_trials <= 0:
+            raise ConfigError(f"max_trials must be positive, got {self.max_trials}")
+
+    def _expand_sampling(self, sampling: dict[str, float]) -> None:
+        """``sampling: {margin, confidence}`` -> sequential sampling with those targets."""
+        unknown = sorted(set(sampling) - set(SEQUENTIAL_KEYS))
+        if unknown or not sampling:
+            raise ConfigError(
+                f"sampling: a mapping takes {' and '.join(SEQUENTIAL_KEYS)} "
+                f"(sequential sampling to a margin), got {sorted(sampling)}"
+            )
+        for key, value in sampling.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"sampling.{key} must be a number, got {value!r}")
+            object.__setattr__(self, key, float(value))
+        object.__setattr__(self, "sampling", "sequential")
 
     def model_entries(self) -> list[ModelEntry]:
         try:

@@ -1,0 +1,87 @@
+"""Sequential stratified sampling: after each round, decide how many more trials each stratum
+gets so that every reported SDC rate (one per model x kind) reaches a target margin.
+
+Why sequential: the strata differ by orders of magnitude in variance (a flip of fp32 bit 30
+corrupts nearly always, a low mantissa bit almost never), so a fixed per-stratum size wastes most
+trials on strata that are already certain. Each round estimates the stratum deviations from the
+counts so far, asks how many trials a Neyman allocation needs for the margin, and hands the
+difference to the strata where the variance is. Pure functions of the counts, so a resumed
+campaign replays the same rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from campaign.results import StratumCounts, bit_pools, by_estimate, counts, estimate
+from campaign.stats import neyman_allocation, neyman_total
+
+StratumKey = tuple[str, str, str, str, int]  # model, kind, layer, format, bit
+# One round grows a model x kind by at most this factor: the deviations estimated from a small
+# pilot are rough, and a round that overshoots cannot be taken back.
+MAX_GROWTH = 4.0
+
+
+@dataclass(frozen=True)
+class Target:
+    margin: float
+    confidence: float
+    max_trials: int | None = None  # per model x kind
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """Where one reported estimate (model x kind) stands after a round."""
+
+    model: str
+    kind: str
+    trials: int
+    rate: float
+    margin: float
+    needed: int  # total trials the Neyman allocation needs, estimated from the counts so far
+    met: bool
+    budget_left: int | None
+
+
+def group_status(strata: Iterable[StratumCounts], target: Target) -> list[GroupStatus]:
+    statuses = []
+    for (model, kind), members in by_estimate(strata).items():
+        columns, pools = counts(members), bit_pools(members)
+        rate = estimate(members, target.confidence)
+        trials = sum(columns[1])
+        statuses.append(
+            GroupStatus(
+                model,
+                kind,
+                trials,
+                rate.rate,
+                rate.margin,
+                neyman_total(*columns, target.margin, target.confidence, pools),
+                rate.margin <= target.margin,
+                None if target.max_trials is None else max(0, target.max_trials - trials),
+            )
+        )
+    return statuses
+
+
+def next_round(strata: Iterable[StratumCounts], target: Target) -> dict[StratumKey, int]:
+    """Extra trials per stratum for the next round; empty when every estimate meets the margin
+    (or has spent its budget)."""
+    strata = list(strata)
+    extra: dict[StratumKey, int] = {}
+    groups = by_estimate(strata)
+    for status in group_status(strata, target):
+        if status.met or status.budget_left == 0:
+            continue
+        members = groups[status.model, status.kind]
+        wanted = min(status.needed - status.trials, math.ceil(status.trials * (MAX_GROWTH - 1)))
+        wanted = max(wanted, math.ceil(0.05 * status.trials), len(members))
+        if status.budget_left is not None:
+            wanted = min(wanted, status.budget_left)
+        allocation = neyman_allocation(*counts(members), wanted, bit_pools(members))
+        for member, count in zip(members, allocation.tolist(), strict=True):
+            if count > 0:
+                extra[member.model, member.kind, member.layer, member.fmt, member.bit] = count
+    return extra
