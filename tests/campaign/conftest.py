@@ -1,0 +1,131 @@
+"""Synthetic campaign folders with SDC counts a test chooses, written the way the runner writes
+them (Store, trial_table, manifest), so readers of results can be checked against known numbers
+without training or running anything."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from campaign.store import GOLDEN_SCHEMA, Store, trial_table
+
+# (model, kind, layer, bit) -> (trials, sdc)
+Counts = dict[tuple[str, str, str, int], tuple[int, int]]
+
+
+def model_entry(head: str, val_top1: float = 0.9, backbone: str = "resnet18") -> dict[str, Any]:
+    """A manifest ``models`` entry, as campaign.runner.model_facts writes it."""
+    return {
+        "backbone": backbone,
+        "head": head,
+        "dataset": "digits",
+        "val_top1": val_top1,
+        "epoch": 1,
+    }
+
+
+def write_campaign(
+    root: Path,
+    name: str,
+    counts: Counts,
+    sites: dict[tuple[str, str, str], int],
+    models: dict[str, dict[str, Any]] | None,
+    *,
+    images: int = 8,
+    top2diff: dict[str, float] | None = None,
+    images_per_fault: int = 1,
+) -> str:
+    """Write campaign ``root/name`` and return its folder. Layers are planned (and so ordered)
+    as ``sites`` lists them; each (model, kind, layer) is one shard. In a stratum the first
+    ``sdc`` trials are the SDCs, and consecutive runs of ``images_per_fault`` trials share one
+    fault index (a cluster). ``models=None`` writes a manifest from before the ``models``
+    field. Golden Top2Diff is ``top2diff[model]`` (default 50) for every image."""
+    store = Store.open(str(root), name)
+    for shard, (model, kind, layer) in enumerate(sites):
+        strata = {
+            bit: n_k
+            for (m, k, lay, bit), n_k in counts.items()
+            if (m, k, lay) == (model, kind, layer)
+        }
+        store.write_table(
+            store.shard_path(model, kind, layer, shard), _rows(strata, shard, images_per_fault)
+        )
+    model_names = list(dict.fromkeys(model for model, _, _ in sites))
+    for model in model_names:
+        golden = {
+            "image": list(range(images)),
+            "label": [0] * images,
+            "golden_top1": [0] * images,
+            "confidence": [0.9] * images,
+            "top2diff": [(top2diff or {}).get(model, 50.0)] * images,
+        }
+        store.write_table(store.golden_path(model), pa.table(golden, schema=GOLDEN_SCHEMA))
+    manifest: dict[str, Any] = {
+        "status": "complete",
+        "spec": {
+            "name": name,
+            "models": [{"name": m, "checkpoint": f"/nonexistent/{m}"} for m in model_names],
+            "kinds": list(dict.fromkeys(kind for _, kind, _ in sites)),
+            "formats": ["fp32"],
+            "bits": sorted({bit for *_, bit in counts}),
+            "sampling": "per_stratum",
+            "trials_per_stratum": max(n for n, _ in counts.values()),
+            "images": images,
+            "golden_correct_only": True,
+        },
+        "images": list(range(images)),
+        "plan": {
+            "shards": len(sites),
+            "trials": sum(n for n, _ in counts.values()),
+            "shard_list": [
+                {"id": i, "model": m, "kind": k, "layer": lay, "fmt": "fp32", "sites": size}
+                for i, ((m, k, lay), size) in enumerate(sites.items())
+            ],
+        },
+        "versions": {"bitstorm": "test"},
+    }
+    if models is not None:
+        manifest["models"] = models
+    store.write_json(store.manifest_path, manifest)
+    return store.root
+
+
+def _rows(strata: dict[int, tuple[int, int]], shard: int, images_per_fault: int) -> pa.Table:
+    bits, sdc, index = [], [], []
+    for bit, (trials, successes) in strata.items():
+        bits += [bit] * trials
+        sdc += [i < successes for i in range(trials)]
+        index += [bit * 10_000 + i // images_per_fault for i in range(trials)]
+    sdc_array = np.array(sdc, dtype=bool)
+    return trial_table(
+        {
+            "index": index,
+            "bit": bits,
+            "format": "fp32",
+            "image": [i % images_per_fault for i in range(len(bits))],
+            "label": 0,
+            "golden_top1": 0,
+            "faulty_top1": sdc_array.astype(np.int32),
+            "sdc": sdc_array,
+            "non_finite": False,
+            "top2diff": 10.0,
+            "value_before": 1.0,
+            "value_after": 2.0,
+            "shard": shard,
+        }
+    )
+
+
+@pytest.fixture
+def synthetic_campaign(tmp_path: Path) -> Callable[..., str]:
+    """``write_campaign`` under this test's tmp_path."""
+
+    def write(name: str, counts: Counts, sites, models, **options) -> str:
+        return write_campaign(tmp_path, name, counts, sites, models, **options)
+
+    return write
