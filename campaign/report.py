@@ -292,18 +292,23 @@ def kind_report(
         overall=estimate(strata, options),
         effective_trials=effective_trials,
         last_layer=ordered[-1],
-        layers={layer: estimate(by_layer[layer], options) for layer in ordered},
-        bits={bit: estimate(by_bit[bit], options) for bit in sorted(by_bit)},
+        layers={layer: estimate(by_layer[layer], options, strata) for layer in ordered},
+        bits={bit: estimate(by_bit[bit], options, strata) for bit in sorted(by_bit)},
         strata=tuple(strata),
     )
 
 
-def estimate(strata: Sequence[StratumCounts], options: Options) -> Rate:
+def estimate(
+    strata: Sequence[StratumCounts],
+    options: Options,
+    context: Sequence[StratumCounts] | None = None,
+) -> Rate:
     """The stratified estimate (campaign.results.estimate: strata weighted by fault-space
-    share); a rate that rests on one stratum gets the binomial interval asked for (Wilson or
-    Clopper-Pearson) instead of the normal approximation."""
+    share, shrinkage pooled by bit over ``context``, the model and kind's strata); a rate that
+    rests on one stratum gets the binomial interval asked for (Wilson or Clopper-Pearson)
+    instead of the normal approximation."""
     successes, trials, _ = counts(strata)
-    combined = results_estimate(strata, options.confidence)
+    combined = results_estimate(strata, options.confidence, context)
     low, high = combined.low, combined.high
     if len(strata) == 1:
         low, high = INTERVALS[options.interval](successes[0], trials[0], options.confidence)

@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bitstorm.errors import DataError
-from campaign.stats import StratifiedEstimate, stratified_estimate
+from campaign.stats import StratifiedEstimate, shrunk_rates, stratified_estimate
 from campaign.store import GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
 
 if TYPE_CHECKING:
@@ -129,9 +129,20 @@ def bit_pools(strata: Sequence[StratumCounts]) -> list[tuple[str, str, str, int]
     return [(s.model, s.kind, s.fmt, s.bit) for s in strata]
 
 
-def estimate(strata: Sequence[StratumCounts], confidence: float = 0.95) -> StratifiedEstimate:
-    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position."""
-    return stratified_estimate(*counts(strata), confidence=confidence, pools=bit_pools(strata))
+def estimate(
+    strata: Sequence[StratumCounts],
+    confidence: float = 0.95,
+    context: Sequence[StratumCounts] | None = None,
+) -> StratifiedEstimate:
+    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position over
+    ``context`` (default: ``strata`` themselves). A layer's rate, say, takes the model's other
+    layers as context: they are the evidence that a bit never corrupts anything."""
+    context = strata if context is None else context
+    successes, trials, _ = counts(context)
+    shrunk = dict(zip(context, shrunk_rates(successes, trials, bit_pools(context)), strict=True))
+    return stratified_estimate(
+        *counts(strata), confidence=confidence, variance_rates=[shrunk[s] for s in strata]
+    )
 
 
 def _dataset(

@@ -67,6 +67,7 @@ def stratified_estimate(
     population: Sequence[float],
     confidence: float = 0.95,
     pools: Sequence[Hashable] | None = None,
+    variance_rates: Sequence[float] | None = None,
 ) -> StratifiedEstimate:
     """Rate over the union of strata, each weighted by its ``population`` (fault-space size).
 
@@ -74,7 +75,8 @@ def stratified_estimate(
     finite-population correction, except that a stratum run exhaustively (n >= N, every
     (site, image) once) is known exactly;
     with p shrunk (:func:`shrunk_rates`) so that strata with no SDC yet still contribute
-    uncertainty (the interval never collapses to a point at 0).
+    uncertainty (the interval never collapses to a point at 0). ``variance_rates`` gives
+    those p directly, e.g. shrunk within a larger set of strata than the ones estimated here.
     """
     k = np.asarray(successes, dtype=float)
     n = np.asarray(trials, dtype=float)
@@ -83,7 +85,11 @@ def stratified_estimate(
         raise ValueError("strata need 0 <= successes <= trials and trials > 0")
     weight = size / size.sum()
     rate = float((weight * k / n).sum())
-    shrunk = shrunk_rates(k, n, pools)
+    shrunk = (
+        shrunk_rates(k, n, pools)
+        if variance_rates is None
+        else np.asarray(variance_rates, dtype=float)
+    )
     sampled = n < size
     variance = float((weight**2 * shrunk * (1 - shrunk) / n * sampled).sum())
     half = _z(confidence) * math.sqrt(variance)

@@ -61,13 +61,14 @@ def _shrunk(stratum, strata):
     return (k + 2 * prior) / (n + 2)
 
 
-def _variance(strata):
-    """Stratified variance with the shrunk p (trials drawn with replacement: no correction)."""
+def _variance(strata, context):
+    """Stratified variance (trials drawn with replacement: no correction), p shrunk within the
+    model's strata ``context``."""
     total = sum(size for _, _, size, _ in strata)
     return sum(
         (size / total) ** 2
-        * _shrunk((n, k, size, bit), strata)
-        * (1 - _shrunk((n, k, size, bit), strata))
+        * _shrunk((n, k, size, bit), context)
+        * (1 - _shrunk((n, k, size, bit), context))
         / n
         for n, k, size, bit in strata
     )
@@ -117,8 +118,8 @@ def test_report_files_and_numbers_match_the_known_counts(zoo, tmp_path, capsys):
     last = comparison["improvement_last_layer"]
     assert last["ratio"] == pytest.approx((6 / 10 / 2) / (2 / 10 / 2))
     spread = norm.ppf(0.975) * math.sqrt(
-        _variance(_strata("base", "fc")) / 0.3**2
-        + _variance(_strata("text", "fc.classes")) / 0.1**2
+        _variance(_strata("base", "fc"), _strata("base")) / 0.3**2
+        + _variance(_strata("text", "fc.classes"), _strata("text")) / 0.1**2
     )
     assert (last["low"], last["high"]) == pytest.approx(
         (3 * math.exp(-spread), 3 * math.exp(spread))

@@ -6,7 +6,14 @@ import pandas as pd
 import pytest
 
 from bitstorm.errors import DataError
-from campaign.results import by_estimate, counts, open_results, results_of
+from campaign.results import (
+    StratumCounts,
+    by_estimate,
+    counts,
+    estimate,
+    open_results,
+    results_of,
+)
 from campaign.store import Store, trial_table
 from tests.campaign.conftest import model_entry
 
@@ -141,3 +148,21 @@ def test_parent_and_name_or_one_path_open_the_same_campaign(campaign):
     query = "select model, kind, layer, bit, count(*) n from trials group by all order by all"
     assert one.sql(query).fetchall() == two.sql(query).fetchall()
     assert one.images == two.images == IMAGES
+
+
+def test_a_layer_estimate_takes_its_bit_pools_from_the_context():
+    def stratum(layer, bit, sdc):
+        return StratumCounts("m", "weight", layer, "fp32", bit, 20, sdc, 1000)
+
+    layer = [stratum("a", 0, 0), stratum("a", 30, 5)]
+    model = [*layer, stratum("b", 0, 0), stratum("c", 0, 0), stratum("b", 30, 9)]
+    alone, in_context = estimate(layer), estimate(layer, context=model)
+    assert alone.rate == in_context.rate
+    # Bit 0 is clean in layers b and c too: in context it is shrunk towards their 0 of 40,
+    # alone towards 0.5 (no evidence), so the interval is narrower in context.
+    assert in_context.variance < alone.variance
+    prior = 0.5 / 41
+    quiet = (0 + 2 * prior) / 22
+    busy = 5.5 / 21
+    expected = 0.25 * quiet * (1 - quiet) / 20 + 0.25 * busy * (1 - busy) / 20
+    assert in_context.variance == pytest.approx(expected)
