@@ -41,6 +41,7 @@ class StratumCounts:
     trials: int
     sdc: int
     population: int
+    census: bool = False  # run exhaustively: every (site, image) at this bit exactly once
 
 
 @dataclass
@@ -72,6 +73,11 @@ class Results:
         """Counts per stratum (model x kind x layer x format x bit) of the trials that match
         the SQL condition ``where``."""
         sites = self.sites()
+        exhaustive = {
+            (s["model"], s["kind"], s["layer"], s["fmt"])
+            for s in self.manifest.get("plan", {}).get("shard_list", [])
+            if not s.get("counts")
+        }
         rows = self.sql(
             "select model, kind, layer, format, bit, count(*), sum(sdc::int) "
             f"from trials where {where} group by all order by all"
@@ -84,8 +90,11 @@ class Results:
                     "manifest's plan (files from another campaign?)"
                 )
             population = sites[model, kind, layer, fmt] * max(1, self.images)
+            census = (model, kind, layer, fmt) in exhaustive and trials >= population
             strata.append(
-                StratumCounts(model, kind, layer, fmt, int(bit), int(trials), int(sdc), population)
+                StratumCounts(
+                    model, kind, layer, fmt, int(bit), int(trials), int(sdc), population, census
+                )
             )
         return strata
 
@@ -141,7 +150,10 @@ def estimate(
     successes, trials, _ = counts(context)
     shrunk = dict(zip(context, shrunk_rates(successes, trials, bit_pools(context)), strict=True))
     return stratified_estimate(
-        *counts(strata), confidence=confidence, variance_rates=[shrunk[s] for s in strata]
+        *counts(strata),
+        confidence=confidence,
+        variance_rates=[shrunk[s] for s in strata],
+        census=[s.census for s in strata],
     )
 
 

@@ -18,6 +18,8 @@ from scipy.stats import beta, norm
 
 # Pseudo-trials at the pool's rate for a stratum of a pool without SDC (see shrunk_rates).
 PRIOR_TRIALS = 2.0
+# How sure a stratum's own counts must be that it is above its pool to steer its allocation.
+OUTLIER_CONFIDENCE = 0.99
 
 
 def _z(confidence: float) -> float:
@@ -66,17 +68,16 @@ def stratified_estimate(
     trials: Sequence[int],
     population: Sequence[float],
     confidence: float = 0.95,
-    pools: Sequence[Hashable] | None = None,
     variance_rates: Sequence[float] | None = None,
+    census: Sequence[bool] | None = None,
 ) -> StratifiedEstimate:
     """Rate over the union of strata, each weighted by its ``population`` (fault-space size).
 
     Per stratum the variance is p(1-p)/n: trials are drawn with replacement, so there is no
-    finite-population correction, except that a stratum run exhaustively (n >= N, every
-    (site, image) once) is known exactly;
-    with p shrunk (:func:`shrunk_rates`) so that strata with no SDC yet still contribute
-    uncertainty (the interval never collapses to a point at 0). ``variance_rates`` gives
-    those p directly, e.g. shrunk within a larger set of strata than the ones estimated here.
+    finite-population correction; a ``census`` stratum (run exhaustively: every site and image
+    once) is known exactly. p is ``variance_rates`` if given (see campaign.results.estimate),
+    else (k + 0.5) / (n + 1) (:func:`shrunk_rates`), so that strata with no SDC yet still
+    contribute uncertainty and the interval never collapses to a point at 0.
     """
     k = np.asarray(successes, dtype=float)
     n = np.asarray(trials, dtype=float)
@@ -85,12 +86,8 @@ def stratified_estimate(
         raise ValueError("strata need 0 <= successes <= trials and trials > 0")
     weight = size / size.sum()
     rate = float((weight * k / n).sum())
-    shrunk = (
-        shrunk_rates(k, n, pools)
-        if variance_rates is None
-        else np.asarray(variance_rates, dtype=float)
-    )
-    sampled = n < size
+    shrunk = shrunk_rates(k, n) if variance_rates is None else np.asarray(variance_rates, float)
+    sampled = 1.0 - (np.zeros(len(n)) if census is None else np.asarray(census, dtype=float))
     variance = float((weight**2 * shrunk * (1 - shrunk) / n * sampled).sum())
     half = _z(confidence) * math.sqrt(variance)
     return StratifiedEstimate(rate, variance, max(0.0, rate - half), min(1.0, rate + half), half)
@@ -125,10 +122,7 @@ def shrunk_rates(
 def pooled_rates(
     successes: Sequence[float], trials: Sequence[float], pools: Sequence[Hashable]
 ) -> np.ndarray:
-    """For each stratum, the rate (K + 0.5) / (N + 1) of the *other* strata of its pool: what
-    sequential sampling allocates by, so that a stratum's own counts never steer its own later
-    sample (which biases its estimate low: strata that looked clean by chance would get fewer
-    trials to correct them)."""
+    """For each stratum, the rate (K + 0.5) / (N + 1) of the *other* strata of its pool."""
     k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
     return (_pooled(k, pools) - k + 0.5) / (_pooled(n, pools) - n + 1)
 
@@ -146,9 +140,14 @@ def leveugle_sample_size(
     population: float, margin: float, confidence: float, p: float = 0.5
 ) -> int:
     """Statistical fault injection sample size (Leveugle et al., DATE 2009), with the
-    finite-population correction: exhaustive when the population is that small."""
+    finite-population correction (sampling without replacement; exhaustive when the
+    population is that small). ``population=math.inf`` gives the size for sampling with
+    replacement, t^2 p (1 - p) / margin^2."""
     t = _z(confidence)
-    n = population / (1 + margin**2 * (population - 1) / (t**2 * p * (1 - p)))
+    infinite = t**2 * p * (1 - p) / margin**2
+    if math.isinf(population):
+        return max(1, math.ceil(infinite))
+    n = population / (1 + (population - 1) / infinite)
     return max(1, math.ceil(n))
 
 
@@ -164,7 +163,7 @@ def neyman_allocation(
     deviations are the pools' (:func:`pooled_rates`), not each stratum's own."""
     n = np.asarray(trials, dtype=float)
     size = np.asarray(population, dtype=float)
-    rates = _allocation_rates(successes, trials, pools)
+    rates = allocation_rates(successes, trials, pools)
     score = size * np.sqrt(rates * (1 - rates))
     target = score / score.sum() * (n.sum() + extra)
     need = np.clip(target - n, 0, None)
@@ -176,12 +175,31 @@ def neyman_allocation(
     return allocation
 
 
-def _allocation_rates(
+def allocation_rates(
     successes: Sequence[int], trials: Sequence[int], pools: Sequence[Hashable] | None
 ) -> np.ndarray:
+    """The rates sequential sampling allocates by. With pools: the rate of the rest of the
+    stratum's pool, unless the stratum's own counts put it clearly above that (the lower end
+    of its 99% Wilson interval is higher), when its own shrunk rate is used.
+
+    Why not the stratum's own rate throughout: a stratum that looked clean by chance would get
+    fewer trials to correct it, which biases the estimate low (a prototype was 0.6 standard
+    errors low and covered 81-92% at a nominal 95%). Why not the pool's alone: a stratum unlike
+    the rest of its pool (one layer whose bit 30 corrupts while the others' do not) would be
+    starved, and the margin never met."""
     if pools is None:
         return shrunk_rates(successes, trials)
-    return pooled_rates(successes, trials, pools)
+    k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    pooled = pooled_rates(k, n, pools)
+    return np.where(_wilson_low(k, n, OUTLIER_CONFIDENCE) > pooled, shrunk_rates(k, n), pooled)
+
+
+def _wilson_low(k: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    z = _z(confidence)
+    p = k / n
+    centre = p + z**2 / (2 * n)
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return (centre - half) / (1 + z**2 / n)
 
 
 def ratio_interval(
@@ -209,7 +227,7 @@ def neyman_total(
     :func:`neyman_allocation` does (Cochran 5.25; trials are drawn with replacement)."""
     size = np.asarray(population, dtype=float)
     weight = size / size.sum()
-    rates = _allocation_rates(successes, trials, pools)
+    rates = allocation_rates(successes, trials, pools)
     deviation = np.sqrt(rates * (1 - rates))
     target_variance = (margin / _z(confidence)) ** 2
     total = (weight * deviation).sum() ** 2 / target_variance

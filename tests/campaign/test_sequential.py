@@ -194,3 +194,16 @@ def test_a_tighter_margin_takes_more_trials(margin):
     )
     assert reported.margin <= margin and rounds >= 1
     assert trials > PILOT * len(keys)
+
+
+def test_a_layer_unlike_the_rest_of_its_bit_still_gets_its_trials():
+    """Bit 30 corrupts half the time in the largest layer and never elsewhere: allocating by
+    the rest of the pool alone would starve that stratum and never reach the margin."""
+    keys, rates, population = _truth("campaign")
+    rates = np.where(
+        [key[4] == 30 and key[2] == f"layer{len(LAYER_SIZES) - 1}" for key in keys], 0.5, 0.0
+    )
+    target = Target(0.005, 0.95)
+    rate, _, rounds = _simulate(keys, rates, population, target, np.random.default_rng(3))
+    assert rate.margin <= target.margin
+    assert rounds < 20

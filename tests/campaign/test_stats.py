@@ -144,10 +144,12 @@ def test_neyman_total_is_cochrans_sample_size():
 
 
 def test_sampled_strata_get_no_finite_population_correction_but_a_census_has_no_variance():
-    # Trials are drawn with replacement: 80 of a population of 100 is still a sample.
-    sampled = stratified_estimate([40], [80], [100])
-    assert sampled.variance == pytest.approx(40.5 / 81 * (1 - 40.5 / 81) / 80)
-    census = stratified_estimate([40, 5], [100, 50], [100, 1000])
+    # Trials are drawn with replacement: 80, or even 120, draws from 100 are still a sample.
+    for trials in (80, 120):
+        sampled = stratified_estimate([40], [trials], [100])
+        shrunk = 40.5 / (trials + 1)
+        assert sampled.variance == pytest.approx(shrunk * (1 - shrunk) / trials)
+    census = stratified_estimate([40, 5], [100, 50], [100, 1000], census=[True, False])
     assert census.variance == pytest.approx((1000 / 1100) ** 2 * (5.5 / 51) * (1 - 5.5 / 51) / 50)
 
 
