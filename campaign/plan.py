@@ -8,6 +8,7 @@ pure function of (campaign seed, stratum, shard), so rerunning a shard reproduce
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class Shard:
     Sampled shards draw ``counts[i]`` trials at ``bits[i]`` (site and image uniform). In the
     first round the generator is seeded by the stratum alone (so the shard size never changes
     which trials a stratum gets); later rounds of sequential sampling add the shard id (unique
-    in the plan) and the position, as one bit may appear twice in a shard. Exhaustive shards
+    in the plan) and the bit's position in the shard. Exhaustive shards
     cover sites ``[start, stop)`` x every image.
     """
 
@@ -137,7 +138,8 @@ def _stratum_shards(
                 )
         return shards
     if spec.sampling == "leveugle":
-        per_bit = leveugle_sample_size(sites * images, spec.margin, spec.confidence)
+        # Trials are drawn with replacement: Leveugle's size for an infinite population.
+        per_bit = leveugle_sample_size(math.inf, spec.margin, spec.confidence)
     else:  # per_stratum, and the first round of sequential sampling
         per_bit = spec.trials_per_stratum
     bits_per_shard = max(1, spec.shard_size // per_bit)

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from bitstorm import __version__
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
-from campaign.plan import Shard, make_plan, make_round
+from campaign.plan import Shard, make_plan
 from campaign.results import by_estimate, counts, estimate, results_of
-from campaign.sequential import GroupStatus, Target, group_status, next_round
+from campaign.sequential import run_rounds
 from campaign.sites import LayerSite, find_sites, select_layers
 from campaign.spec import CampaignSpec
 from campaign.store import Store
@@ -112,11 +112,24 @@ def run_campaign(
         if not store.exists(path):
             store.write_table(path, golden_table(model, images))
     plan = make_plan(spec, sites, len(images.indices))
+    targets = None
     with ShardPool(spec, images, progress) as pool:
         _run_round(store, spec, images, plan, plan, pool, "")
         if spec.sampling == "sequential":
-            _run_sequential_rounds(store, spec, images, plan, pool)
-    store.write_json(store.manifest_path, _manifest(spec, plan, images, status="complete"))
+            # Each round's decision reads only the shards of earlier rounds (ids grow with the
+            # rounds), so a resumed campaign replays the same decisions.
+            statuses = run_rounds(
+                spec,
+                plan,
+                lambda limit: results_of(store).strata(where=f"shard < {limit}"),
+                lambda shards, r: _run_round(
+                    store, spec, images, plan, shards, pool, f" round {r}"
+                ),
+            )
+            targets = [dataclasses.asdict(status) for status in statuses]
+    store.write_json(
+        store.manifest_path, _manifest(spec, plan, images, status="complete", targets=targets)
+    )
     return summarise(store, spec.confidence)
 
 
@@ -144,53 +157,6 @@ def _run_round(
     )
     if pending:
         pool.run(pending, done=sum(sizes) - todo, total=sum(sizes), label=label)
-
-
-def _run_sequential_rounds(
-    store: Store, spec: CampaignSpec, images: CampaignImages, plan: list[Shard], pool: ShardPool
-) -> None:
-    """Add rounds until every model x kind SDC rate meets the margin (see campaign.sequential);
-    ``plan`` grows in place, so the manifest always lists every shard run so far."""
-    target = Target(spec.margin, spec.confidence, spec.max_trials)
-    sites = {(s.model, s.kind, s.layer, s.fmt): s.sites for s in plan}
-    for round in range(1, spec.max_rounds + 1):
-        # Only the rounds so far (shard ids grow with the rounds): a resumed campaign whose
-        # later rounds are already on disk replays the same decisions.
-        strata = results_of(store).strata(where=f"shard < {len(plan)}")
-        _log_status(group_status(strata, target), round - 1)
-        extra = next_round(strata, target)
-        if not extra:
-            return
-        shards = make_round(spec, extra, sites, round, first_id=len(plan))
-        plan.extend(shards)
-        _run_round(store, spec, images, plan, shards, pool, f" round {round}")
-    strata = results_of(store).strata()
-    statuses = group_status(strata, target)
-    _log_status(statuses, spec.max_rounds)
-    if not all(s.met for s in statuses):
-        log.warning(
-            "max_rounds=%d reached before every estimate met the margin %.3g; rerun with a "
-            "larger max_rounds to go on from here",
-            spec.max_rounds,
-            spec.margin,
-        )
-
-
-def _log_status(statuses: list[GroupStatus], round: int) -> None:
-    for s in statuses:
-        state = "met" if s.met else f"needs about {s.needed:,} trials"
-        if s.budget_left == 0 and not s.met:
-            state = "max_trials spent: margin NOT met"
-        log.info(
-            "after round %d: %s %s SDC %.4f%% +- %.4f%% from %d trials (%s)",
-            round,
-            s.model,
-            s.kind,
-            100 * s.rate,
-            100 * s.margin,
-            s.trials,
-            state,
-        )
 
 
 class ShardPool:
@@ -343,7 +309,11 @@ def model_facts(checkpoint: str) -> dict[str, Any]:
 
 
 def _manifest(
-    spec: CampaignSpec, plan: list[Shard], images: CampaignImages, status: str
+    spec: CampaignSpec,
+    plan: list[Shard],
+    images: CampaignImages,
+    status: str,
+    targets: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     import duckdb
     import pyarrow
@@ -351,6 +321,8 @@ def _manifest(
 
     return {
         "status": status,
+        # sequential sampling: where each model x kind estimate ended, margin met or not
+        "targets": targets,
         "fingerprint": spec.fingerprint(),
         "spec": to_dict(spec),
         "images": images.indices,

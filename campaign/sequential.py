@@ -11,13 +11,17 @@ campaign replays the same rounds.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from campaign.plan import Shard, make_round
 from campaign.results import StratumCounts, bit_pools, by_estimate, counts, estimate
+from campaign.spec import CampaignSpec
 from campaign.stats import neyman_allocation, neyman_total
 
+log = logging.getLogger(__name__)
 StratumKey = tuple[str, str, str, str, int]  # model, kind, layer, format, bit
 # One round grows a model x kind by at most this factor: the deviations estimated from a small
 # pilot are rough, and a round that overshoots cannot be taken back.
@@ -85,3 +89,60 @@ def next_round(strata: Iterable[StratumCounts], target: Target) -> dict[StratumK
             if count > 0:
                 extra[member.model, member.kind, member.layer, member.fmt, member.bit] = count
     return extra
+
+
+def run_rounds(
+    spec: CampaignSpec,
+    plan: list[Shard],
+    strata_before: Callable[[int], list[StratumCounts]],
+    run: Callable[[list[Shard], int], None],
+) -> list[GroupStatus]:
+    """Rounds 1, 2, ... after the pilot shards in ``plan`` (already run), until every estimate
+    meets the margin, spends ``max_trials`` or ``max_rounds`` have run. ``strata_before(limit)``
+    counts the trials of the shards with ids below ``limit``; ``run(shards, round)`` evaluates
+    a round's new shards. ``plan`` grows in place. Returns where each estimate ended."""
+    target = Target(spec.margin, spec.confidence, spec.max_trials)
+    sites = {(s.model, s.kind, s.layer, s.fmt): s.sites for s in plan}
+    for round in range(1, spec.max_rounds + 1):
+        strata = strata_before(len(plan))
+        _log(group_status(strata, target), round - 1)
+        extra = next_round(strata, target)
+        if not extra:
+            return _finish(group_status(strata, target), spec)
+        shards = make_round(spec, extra, sites, round, first_id=len(plan))
+        plan.extend(shards)
+        run(shards, round)
+    statuses = group_status(strata_before(len(plan)), target)
+    _log(statuses, spec.max_rounds)
+    return _finish(statuses, spec)
+
+
+def _finish(statuses: list[GroupStatus], spec: CampaignSpec) -> list[GroupStatus]:
+    for s in statuses:
+        if not s.met:
+            log.warning(
+                "%s %s: margin %.3g NOT met (+-%.3g after %d trials): %s",
+                s.model,
+                s.kind,
+                spec.margin,
+                s.margin,
+                s.trials,
+                "max_trials spent"
+                if s.budget_left == 0
+                else f"max_rounds={spec.max_rounds} reached; rerun with more to go on",
+            )
+    return statuses
+
+
+def _log(statuses: list[GroupStatus], round: int) -> None:
+    for s in statuses:
+        log.info(
+            "after round %d: %s %s SDC %.4f%% +- %.4f%% from %d trials (%s)",
+            round,
+            s.model,
+            s.kind,
+            100 * s.rate,
+            100 * s.margin,
+            s.trials,
+            "met" if s.met else f"needs about {s.needed:,} trials",
+        )

@@ -88,6 +88,11 @@ class CampaignSpec:
                     )
         if isinstance(self.sampling, dict):
             self._expand_sampling(self.sampling)
+        if self.sampling == "margin":
+            raise ConfigError(
+                "sampling: 'margin' is now 'leveugle' (Leveugle's fixed size per stratum); "
+                "for sequential sampling to a margin write sampling: {margin: ..., confidence: ...}"
+            )
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if not 0 < self.margin < 1 or not 0 < self.confidence < 1:
@@ -98,6 +103,8 @@ class CampaignSpec:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_trials is not None and self.max_trials <= 0:
             raise ConfigError(f"max_trials must be positive, got {self.max_trials}")
+        if self.max_trials is not None and self.sampling != "sequential":
+            raise ConfigError("max_trials applies to sequential sampling only")
 
     def _expand_sampling(self, sampling: dict[str, float]) -> None:
         """``sampling: {margin, confidence}`` -> sequential sampling with those targets."""
@@ -128,7 +135,8 @@ class CampaignSpec:
         relevant = {
             k: v
             for k, v in to_dict(self).items()
-            if k not in ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size")
+            # max_rounds only decides when to stop: a rerun with more rounds goes on from here.
+            if k not in ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "max_rounds")
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -56,4 +56,20 @@ def test_bad_sampling_is_refused_naming_the_field(tmp_path, sampling, message):
 def test_trial_and_round_limits_must_be_positive(field, value):
     with pytest.raises(ConfigError, match=rf"{field} must be positive, got {value}"):
         CampaignSpec(models=MODELS, sampling={"margin": 0.01}, **{field: value})
-    assert getattr(CampaignSpec(models=MODELS, **{field: 1}), field) == 1
+    spec = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, **{field: 1})
+    assert getattr(spec, field) == 1
+
+
+def test_old_and_misplaced_sampling_fields_are_explained():
+    with pytest.raises(ConfigError, match="'margin' is now 'leveugle'"):
+        CampaignSpec(models=MODELS, sampling="margin")
+    with pytest.raises(ConfigError, match="max_trials applies to sequential sampling only"):
+        CampaignSpec(models=MODELS, max_trials=1000)
+
+
+def test_more_rounds_continue_the_same_campaign_but_a_budget_does_not():
+    base = CampaignSpec(models=MODELS, sampling={"margin": 0.01})
+    more_rounds = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, max_rounds=80)
+    budget = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, max_trials=5000)
+    assert more_rounds.fingerprint() == base.fingerprint()  # a rerun with more rounds resumes
+    assert budget.fingerprint() != base.fingerprint()  # a budget changes earlier rounds
