@@ -64,7 +64,8 @@ def sdc_by_bit(series: Sequence[Series], title: str) -> bytes:
             linestyle="-" if line.baseline else "--",
             label=line.label,
         )
-        axes.scatter(x[~seen], high[~seen], marker="v", facecolors="none", edgecolors=line.colour)
+        marks = np.maximum(high, floor)[~seen]
+        axes.scatter(x[~seen], marks, marker="v", facecolors="none", edgecolors=line.colour)
     axes.set_yscale("log")
     axes.set_ylim(bottom=floor)
     axes.set_xlabel("bit position")
@@ -99,9 +100,12 @@ def sdc_by_layer(series: Sequence[Series], title: str) -> bytes:
 
 
 def _lowest_shown(series: Series) -> float:
-    """The smallest value the plot must show: a positive rate, or a zero rate's upper bound."""
+    """The smallest value the plot must show: a positive rate, or a zero rate's upper bound
+    (0 when the bit was run exhaustively: then one SDC in all its trials)."""
     rate, _, high, seen = series.arrays()
-    return float(np.where(seen, rate, high).min())
+    trials = np.array([r.trials for r in series.rates.values()], dtype=float)
+    shown = np.where(seen, rate, high)
+    return float(np.where(shown > 0, shown, 1 / np.maximum(trials, 1)).min())
 
 
 def _offset(i: int, count: int, step: float) -> float:

@@ -87,8 +87,12 @@ class KindReport:
     effective_trials: float
     last_layer: str
     layers: dict[str, Rate]  # in module order
-    bits: dict[int, Rate]  # ascending
+    bits: dict[tuple[str, int], Rate]  # (format, bit), ascending
     strata: tuple[StratumCounts, ...]
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({fmt for fmt, _ in self.bits})
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,10 @@ class Report:
     def kinds(self) -> list[str]:
         return list(dict.fromkeys(kind for m in self.models for kind in m.kinds))
 
+    @property
+    def formats(self) -> list[str]:
+        return sorted({f for m in self.models for k in m.kinds.values() for f in k.formats})
+
 
 def build_report(locations: Sequence[str], options: Options) -> Report:
     campaigns = tuple(load_campaign(location, options) for location in locations)
@@ -210,11 +218,12 @@ def load_campaign(location: str, options: Options) -> CampaignReport:
     sizes = effective_sizes(results)
     facts = read_model_facts(results.manifest)
     models = []
-    for model, layers in layer_order(results.manifest).items():
+    order = layer_order(results.manifest)
+    for model in dict.fromkeys(model for model, _ in order):
         if model not in by_model:
             continue
         kinds = {
-            kind: kind_report(kind, counts, layers, sizes[model, kind], options)
+            kind: kind_report(kind, counts, order[model, kind], sizes[model, kind], options)
             for kind, counts in _group(by_model[model], lambda s: s.kind).items()
         }
         images, top2diff = golden.get(model, (0, None))
@@ -223,11 +232,13 @@ def load_campaign(location: str, options: Options) -> CampaignReport:
     return CampaignReport(name, location, results.store, results.manifest, trials, tuple(models))
 
 
-def layer_order(manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """Each model's layers in module order: the order they first appear in the plan."""
-    order: dict[str, list[str]] = {}
+def layer_order(manifest: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """Each model's layers per kind in module order: the order they first appear in the plan
+    for that kind (a layer without neuron sites is missing from the neuron kind's list rather
+    than appended after the last layer)."""
+    order: dict[tuple[str, str], list[str]] = {}
     for shard in manifest.get("plan", {}).get("shard_list", []):
-        layers = order.setdefault(shard["model"], [])
+        layers = order.setdefault((shard["model"], shard["kind"]), [])
         if shard["layer"] not in layers:
             layers.append(shard["layer"])
     return order
@@ -264,17 +275,21 @@ def golden_summary(results: Results) -> dict[str, tuple[int, float]]:
 
 
 def effective_sizes(results: Results) -> dict[tuple[str, str], float]:
-    """Effective sample size per model and kind, with clusters = trials that share one fault
-    (model, kind, layer, format, bit, index); the cluster sums are taken in SQL."""
+    """Effective sample size per model and kind: the sum over strata of each stratum's, with
+    clusters = trials that share one fault (model, kind, layer, format, bit, index; for neuron
+    faults the same index on another image is another fault, so those are single trials). Per
+    stratum, so that rates differing between strata do not count as clustering. The cluster
+    sums are taken in SQL."""
     rows = results.sql(
         "select model, kind, count(*), sum(m), sum(k), sum(k * k / m), sum(m * m) from ("
-        "select model, kind, count(*)::double as m, sum(sdc::int)::double as k from trials "
-        "group by model, kind, layer, format, bit, index) group by model, kind"
+        "select model, kind, layer, format, bit, count(*)::double as m, "
+        "sum(sdc::int)::double as k from trials "
+        "group by model, kind, layer, format, bit, index) group by model, kind, layer, format, bit"
     ).fetchall()
-    return {
-        (model, kind): effective_sample_size_from_sums(ClusterSums(int(clusters), *sums))
-        for model, kind, clusters, *sums in rows
-    }
+    sizes: Counter[tuple[str, str]] = Counter()
+    for model, kind, clusters, *sums in rows:
+        sizes[model, kind] += effective_sample_size_from_sums(ClusterSums(int(clusters), *sums))
+    return dict(sizes)
 
 
 def kind_report(
@@ -286,7 +301,7 @@ def kind_report(
 ) -> KindReport:
     by_layer = _group(strata, lambda s: s.layer)
     ordered = [layer for layer in layers if layer in by_layer]
-    by_bit = _group(strata, lambda s: s.bit)
+    by_bit = _group(strata, lambda s: (s.fmt, s.bit))
     return KindReport(
         kind=kind,
         overall=estimate(strata, options),
@@ -478,13 +493,19 @@ def spec_summary(campaign: CampaignReport) -> list[str]:
     bits = spec.get("bits")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items()))
     planned = manifest.get("plan", {}).get("trials")
+    targets = [
+        f"{t['model']} {t['kind']}: +-{t['margin']:.3%} after {t['trials']:,} trials "
+        + ("(met)" if t["met"] else "(NOT met)")
+        for t in manifest.get("targets") or []
+    ]
     return [
         f"folder: {campaign.location} (status: {manifest.get('status', 'unknown')})",
         f"models: {', '.join(m.name for m in campaign.models)}",
         f"fault kinds: {', '.join(spec.get('kinds', []))}; "
         f"formats: {', '.join(spec.get('formats', []))}; "
         f"bits: {'all' if bits is None else ', '.join(map(str, bits))}",
-        f"sampling: {sampling}",
+        f"sampling: {sampling}"
+        + (f"; where each estimate ended: {'; '.join(targets)}" if targets else ""),
         f"images: {len(manifest.get('images', []))} (asked for {spec.get('images')}, "
         f"golden-correct only: {spec.get('golden_correct_only')})",
         f"trials: {campaign.trials:,} recorded"
@@ -547,13 +568,14 @@ def comparison_table(comparisons: Sequence[Comparison]) -> Table:
     return Table(header, rows)
 
 
-def plot_blocks(kinds: Sequence[str]) -> list[Block]:
+def plot_blocks(report: Report) -> list[Block]:
     blocks: list[Block] = [Heading("Plots")]
-    for kind in kinds:
+    for kind in report.kinds:
         blocks += [
-            Image(f"sdc_by_bit_{kind}.png", f"SDC rate by bit, {kind} faults"),
-            Image(f"sdc_by_layer_{kind}.png", f"SDC rate by layer, {kind} faults"),
+            Image(_bit_plot(kind, fmt, report.formats), f"SDC rate by bit, {fmt} {kind} faults")
+            for fmt in report.formats
         ]
+        blocks.append(Image(f"sdc_by_layer_{kind}.png", f"SDC rate by layer, {kind} faults"))
     blocks.append(
         Paragraph(
             "Error bars: the intervals of the tables. By bit (log scale): a bit where no SDC was "
@@ -601,9 +623,19 @@ def model_blocks(model: ModelReport) -> list[Block]:
             Heading(f"{model.label}, {kind.kind} faults by layer", 3),
             _rate_table("Layer", kind.layers),
             Heading(f"{model.label}, {kind.kind} faults by bit", 3),
-            _rate_table("Bit", kind.bits),
+            _rate_table(
+                "Bit",
+                {_bit_label(key, kind.formats): rate for key, rate in kind.bits.items()},
+            ),
         ]
     return blocks
+
+
+def _bit_label(key: tuple[str, int], formats: Sequence[str]) -> str:
+    """A bit position, with its format when the campaign has several (fp16 bit 14 is an
+    exponent bit, fp32 bit 14 a mantissa bit)."""
+    fmt, bit = key
+    return str(bit) if len(formats) == 1 else f"{fmt} bit {bit}"
 
 
 def _rate_table(first: str, rates: dict[Any, Rate]) -> Table:
@@ -669,7 +701,10 @@ def _model_json(model: ModelReport, options: Options) -> dict[str, Any]:
                 "effective_trials": kind.effective_trials,
                 "last_layer": kind.last_layer,
                 "layers": [{"layer": k, **dataclasses.asdict(r)} for k, r in kind.layers.items()],
-                "bits": [{"bit": k, **dataclasses.asdict(r)} for k, r in kind.bits.items()],
+                "bits": [
+                    {"format": fmt, "bit": bit, **dataclasses.asdict(r)}
+                    for (fmt, bit), r in kind.bits.items()
+                ],
                 "strata": [_stratum_json(s, options) for s in kind.strata],
             }
             for kind in model.kinds.values()
@@ -710,7 +745,7 @@ def write_report(report: Report, out: Path) -> list[Path]:
     blocks = [
         *header_blocks(report),
         *comparison_blocks(report),
-        *plot_blocks(report.kinds),
+        *plot_blocks(report),
         *(block for model in report.models for block in model_blocks(model)),
     ]
     return [
@@ -724,13 +759,22 @@ def write_report(report: Report, out: Path) -> list[Path]:
 def write_plots(report: Report, out: Path) -> list[Path]:
     written = []
     for kind in report.kinds:
-        by_bit = series(report.models, kind, lambda k: k.bits)
+        for fmt in report.formats:
+            by_bit = series(
+                report.models,
+                kind,
+                lambda k, fmt=fmt: {bit: r for (f, bit), r in k.bits.items() if f == fmt},
+            )
+            png = sdc_by_bit(by_bit, f"{fmt} {kind} faults: SDC rate by bit")
+            written.append(write_bytes_atomic(out / _bit_plot(kind, fmt, report.formats), png))
         by_layer = series(report.models, kind, lambda k: k.layers)
-        png = sdc_by_bit(by_bit, f"{kind} faults: SDC rate by bit")
-        written.append(write_bytes_atomic(out / f"sdc_by_bit_{kind}.png", png))
         png = sdc_by_layer(by_layer, f"{kind} faults: SDC rate by layer")
         written.append(write_bytes_atomic(out / f"sdc_by_layer_{kind}.png", png))
     return written
+
+
+def _bit_plot(kind: str, fmt: str, formats: Sequence[str]) -> str:
+    return f"sdc_by_bit_{kind}.png" if len(formats) == 1 else f"sdc_by_bit_{kind}_{fmt}.png"
 
 
 def series(
@@ -773,7 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="output folder (default: CAMPAIGN_DIR/report, or ./<campaign>-report for a URI)",
     )
-    parser.add_argument("--confidence", type=float, default=0.95, help="interval level")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        help="interval level (default: the campaign spec's confidence, 0.95 unless it set one)",
+    )
     parser.add_argument(
         "--interval",
         choices=list(INTERVALS),
@@ -794,7 +842,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     locations = [args.campaign] + ([args.compare] if args.compare else [])
     try:
-        options = Options(args.confidence, args.interval, args.bootstrap)
+        confidence = args.confidence
+        if confidence is None:
+            confidence = open_results(args.campaign).manifest.get("spec", {}).get("confidence")
+        options = Options(confidence or 0.95, args.interval, args.bootstrap)
         report = build_report(locations, options)
         written = write_report(report, args.out or default_out(report.campaigns[0]))
     except BitstormError as error:
