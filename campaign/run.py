@@ -250,14 +250,21 @@ def load_campaign_spec(spec: str, overrides: list[str]) -> CampaignSpec:
 
 
 def comparison(rows) -> str:
-    """Baseline vs text head per fault kind: the improvement in reliability (SDC ratio)."""
+    """Baseline vs text head per fault kind: the improvement in reliability (SDC ratio), with
+    a log-method interval at the summary's confidence."""
+    from campaign.stats import ratio_interval
+
     by_key = {(row.model, row.kind): row for row in rows}
     lines = ["", "baseline vs text head (SDC rate ratio > 1: the text head is more reliable)"]
     for kind in ("weight", "neuron"):
         base, text = by_key.get(("resnet18_linear", kind)), by_key.get(("resnet18_text", kind))
-        if base and text and text.rate > 0:
+        if base and text and base.rate > 0 and text.rate > 0:
+            ratio, low, high = ratio_interval(
+                base.rate, base.variance, text.rate, text.variance, base.confidence
+            )
             lines.append(
-                f"  {kind:<7} {base.rate:.3%} vs {text.rate:.3%}: {base.rate / text.rate:.2f}x"
+                f"  {kind:<7} {base.rate:.3%} vs {text.rate:.3%}: {ratio:.2f}x "
+                f"[{low:.2f}, {high:.2f}] ({base.confidence:.0%})"
             )
     return "\n".join(lines)
 
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(rows))
     if not args.spec:
         print(comparison(rows))
+    print(f"\nby layer and bit, with plots: python -m campaign.report {spec.output}/{spec.name}")
     return 0
 
 

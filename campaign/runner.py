@@ -50,6 +50,7 @@ class SummaryRow:
     low: float
     high: float
     confidence: float
+    variance: float
 
 
 def validate(spec: CampaignSpec) -> tuple[dict[str, torch.nn.Module], dict[str, list[LayerSite]]]:
@@ -262,6 +263,7 @@ def summarise(store: Store, confidence: float = 0.95) -> list[SummaryRow]:
                 rate.low,
                 rate.high,
                 confidence,
+                rate.variance,
             )
         )
     return summary
