@@ -159,11 +159,10 @@ def _simulate(keys, rates, population, target, rng, max_rounds=50):
 @pytest.mark.parametrize(
     ("name", "margin", "ratio"),
     [
-        # Coverage 0.965 here and over 5,000 more runs; 3,454 trials on average against
-        # Leveugle's 38,398 (11.1x).
+        # Coverage 0.962 here; 3,609 trials on average against Leveugle's 38,398 (10.6x).
         ("campaign", 0.005, 10),
-        # Coverage 0.949 here, 0.945 over 25,000 more runs (a little short of 95% with few
-        # SDCs); 4,875 trials against 239,426 (49x); up to 15 rounds in those runs.
+        # Coverage 0.943 here (a little short of 95% with few SDCs); 4,938 trials against
+        # 239,426 (48x); up to 6 rounds.
         ("rare", 0.002, 40),
     ],
 )
