@@ -30,12 +30,20 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
     """Wilson score interval for a binomial proportion: sound near 0, unlike Wald's."""
     if trials <= 0:
         return (0.0, 1.0)
+    low, high = _wilson_bounds(np.float64(successes), np.float64(trials), confidence)
+    return (max(0.0, float(low)), min(1.0, float(high)))
+
+
+def _wilson_bounds(
+    successes: np.ndarray, trials: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson's bounds, unclipped, element-wise over arrays of counts."""
     z = _z(confidence)
     p = successes / trials
     denominator = 1 + z**2 / trials
     centre = (p + z**2 / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    half = z * np.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
+    return centre - half, centre + half
 
 
 def clopper_pearson_interval(
@@ -145,10 +153,7 @@ def leveugle_sample_size(
     replacement, t^2 p (1 - p) / margin^2."""
     t = _z(confidence)
     infinite = t**2 * p * (1 - p) / margin**2
-    if math.isinf(population):
-        return max(1, math.ceil(infinite))
-    n = population / (1 + (population - 1) / infinite)
-    return max(1, math.ceil(n))
+    return max(1, math.ceil(infinite / (1 + (infinite - 1) / population)))
 
 
 def neyman_allocation(
@@ -191,15 +196,8 @@ def allocation_rates(
         return shrunk_rates(successes, trials)
     k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
     pooled = pooled_rates(k, n, pools)
-    return np.where(_wilson_low(k, n, OUTLIER_CONFIDENCE) > pooled, shrunk_rates(k, n), pooled)
-
-
-def _wilson_low(k: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
-    z = _z(confidence)
-    p = k / n
-    centre = p + z**2 / (2 * n)
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    return (centre - half) / (1 + z**2 / n)
+    clearly_above = _wilson_bounds(k, n, OUTLIER_CONFIDENCE)[0] > pooled
+    return np.where(clearly_above, shrunk_rates(k, n), pooled)
 
 
 def ratio_interval(
