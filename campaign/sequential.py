@@ -70,13 +70,18 @@ def group_status(strata: Iterable[StratumCounts], target: Target) -> list[GroupS
     return statuses
 
 
-def next_round(strata: Iterable[StratumCounts], target: Target) -> dict[StratumKey, int]:
+def next_round(
+    strata: Iterable[StratumCounts],
+    target: Target,
+    statuses: list[GroupStatus] | None = None,
+) -> dict[StratumKey, int]:
     """Extra trials per stratum for the next round; empty when every estimate meets the margin
-    (or has spent its budget)."""
+    (or has spent its budget). ``statuses``: ``group_status`` of these strata, if already
+    computed."""
     strata = list(strata)
     extra: dict[StratumKey, int] = {}
     groups = by_estimate(strata)
-    for status in group_status(strata, target):
+    for status in statuses if statuses is not None else group_status(strata, target):
         if status.met or status.budget_left == 0:
             continue
         members = groups[status.model, status.kind]
@@ -103,18 +108,18 @@ def run_rounds(
     a round's new shards. ``plan`` grows in place. Returns where each estimate ended."""
     target = Target(spec.margin, spec.confidence, spec.max_trials)
     sites = {(s.model, s.kind, s.layer, s.fmt): s.sites for s in plan}
-    for round in range(1, spec.max_rounds + 1):
+    round = 1
+    while True:
         strata = strata_before(len(plan))
-        _log(group_status(strata, target), round - 1)
-        extra = next_round(strata, target)
+        statuses = group_status(strata, target)
+        _log(statuses, round - 1)
+        extra = next_round(strata, target, statuses) if round <= spec.max_rounds else {}
         if not extra:
-            return _finish(group_status(strata, target), spec)
+            return _finish(statuses, spec)
         shards = make_round(spec, extra, sites, round, first_id=len(plan))
         plan.extend(shards)
         run(shards, round)
-    statuses = group_status(strata_before(len(plan)), target)
-    _log(statuses, spec.max_rounds)
-    return _finish(statuses, spec)
+        round += 1
 
 
 def _finish(statuses: list[GroupStatus], spec: CampaignSpec) -> list[GroupStatus]:
