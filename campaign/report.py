@@ -16,11 +16,11 @@ import dataclasses
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -29,7 +29,14 @@ from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.errors import BitstormError, ConfigError, DataError
 from campaign.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from campaign.plots import Series, sdc_by_bit, sdc_by_layer
-from campaign.results import Results, StratumCounts, counts, open_results
+from campaign.results import (
+    Results,
+    StratumCounts,
+    counts,
+    group_by,
+    open_results,
+    variance_rates,
+)
 from campaign.results import estimate as results_estimate
 from campaign.stats import (
     ClusterSums,
@@ -47,18 +54,16 @@ INTERVALS: dict[str, Callable[[int, int, float], tuple[float, float]]] = {
 }
 INTERVAL_NAMES = {"wilson": "Wilson", "cp": "Clopper-Pearson"}
 BASELINE_HEAD = "linear"
-K = TypeVar("K")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Options:
-    confidence: float = 0.95
+    confidence: float | None = 0.95  # None: the campaign spec's
     interval: str = "wilson"  # for a rate that rests on one stratum
     bootstrap: int = 0  # resamples for a bootstrap ratio interval; 0: none
 
     def __post_init__(self) -> None:
-        if not 0 < self.confidence < 1:
+        if self.confidence is not None and not 0 < self.confidence < 1:
             raise ConfigError(
                 f"--confidence {self.confidence}: pass a level strictly between 0 and 1, e.g. 0.95"
             )
@@ -194,7 +199,13 @@ class Report:
 
 
 def build_report(locations: Sequence[str], options: Options) -> Report:
-    campaigns = tuple(load_campaign(location, options) for location in locations)
+    """The report of the campaigns at ``locations``; intervals at ``options.confidence``, or
+    at the first campaign's spec confidence when that is None."""
+    opened = [(location, open_results(location)) for location in locations]
+    if options.confidence is None:
+        spec = opened[0][1].manifest.get("spec", {})
+        options = dataclasses.replace(options, confidence=spec.get("confidence") or 0.95)
+    campaigns = tuple(load_campaign(location, results, options) for location, results in opened)
     models = label_models(campaigns)
     pairs, notes = pair_models(models)
     return Report(campaigns, tuple(models), tuple(compare(pairs, options)), tuple(notes), options)
@@ -203,17 +214,16 @@ def build_report(locations: Sequence[str], options: Options) -> Report:
 # --- reading a campaign -------------------------------------------------------------------
 
 
-def load_campaign(location: str, options: Options) -> CampaignReport:
+def load_campaign(location: str, results: Results, options: Options) -> CampaignReport:
     """Everything the report says about one campaign folder, from a handful of aggregates."""
-    results = open_results(location)
-    trials = results.sql("select count(*) from trials").fetchall()[0][0]
-    if trials == 0:
-        raise DataError(f"{results.store.root}: the campaign has no trials yet (run it first)")
     spec = results.manifest.get("spec", {})
     name = spec.get("name") or results.store.root.rpartition("/")[2]
     rank = {kind: i for i, kind in enumerate(spec.get("kinds", []))}
     strata = sorted(results.strata(), key=lambda s: (rank.get(s.kind, len(rank)), s.kind))
-    by_model = _group(strata, lambda s: s.model)
+    if not strata:
+        raise DataError(f"{results.store.root}: the campaign has no trials yet (run it first)")
+    trials = sum(s.trials for s in strata)  # strata() refuses trials outside the plan
+    by_model = group_by(strata, lambda s: s.model)
     golden = golden_summary(results)
     sizes = effective_sizes(results)
     facts = read_model_facts(results.manifest)
@@ -224,7 +234,7 @@ def load_campaign(location: str, options: Options) -> CampaignReport:
             continue
         kinds = {
             kind: kind_report(kind, counts, order[model, kind], sizes[model, kind], options)
-            for kind, counts in _group(by_model[model], lambda s: s.kind).items()
+            for kind, counts in group_by(by_model[model], lambda s: s.kind).items()
         }
         images, top2diff = golden.get(model, (0, None))
         facts_of = facts.get(model, ModelFacts())
@@ -284,7 +294,9 @@ def effective_sizes(results: Results) -> dict[tuple[str, str], float]:
         "select model, kind, count(*), sum(m), sum(k), sum(k * k / m), sum(m * m) from ("
         "select model, kind, layer, format, bit, count(*)::double as m, "
         "sum(sdc::int)::double as k from trials "
-        "group by model, kind, layer, format, bit, index) group by model, kind, layer, format, bit"
+        "group by model, kind, layer, format, bit, index, "
+        "case when kind = 'neuron' then image end) "
+        "group by model, kind, layer, format, bit"
     ).fetchall()
     sizes: Counter[tuple[str, str]] = Counter()
     for model, kind, clusters, *sums in rows:
@@ -299,42 +311,34 @@ def kind_report(
     effective_trials: float,
     options: Options,
 ) -> KindReport:
-    by_layer = _group(strata, lambda s: s.layer)
+    by_layer = group_by(strata, lambda s: s.layer)
     ordered = [layer for layer in layers if layer in by_layer]
-    by_bit = _group(strata, lambda s: (s.fmt, s.bit))
+    by_bit = group_by(strata, lambda s: (s.fmt, s.bit))
+    rates = variance_rates(strata)  # the kind's strata are every layer's and bit's pool context
     return KindReport(
         kind=kind,
-        overall=estimate(strata, options),
+        overall=estimate(strata, options, rates),
         effective_trials=effective_trials,
         last_layer=ordered[-1],
-        layers={layer: estimate(by_layer[layer], options, strata) for layer in ordered},
-        bits={bit: estimate(by_bit[bit], options, strata) for bit in sorted(by_bit)},
+        layers={layer: estimate(by_layer[layer], options, rates) for layer in ordered},
+        bits={bit: estimate(by_bit[bit], options, rates) for bit in sorted(by_bit)},
         strata=tuple(strata),
     )
 
 
 def estimate(
-    strata: Sequence[StratumCounts],
-    options: Options,
-    context: Sequence[StratumCounts] | None = None,
+    strata: Sequence[StratumCounts], options: Options, rates: Mapping[StratumCounts, float]
 ) -> Rate:
     """The stratified estimate (campaign.results.estimate: strata weighted by fault-space
-    share, shrinkage pooled by bit over ``context``, the model and kind's strata); a rate that
-    rests on one stratum gets the binomial interval asked for (Wilson or Clopper-Pearson)
-    instead of the normal approximation."""
+    share, variance rates shrunk over the model and kind's bit pools); a rate that rests on one
+    stratum gets the binomial interval asked for (Wilson or Clopper-Pearson) instead of the
+    normal approximation."""
     successes, trials, _ = counts(strata)
-    combined = results_estimate(strata, options.confidence, context)
+    combined = results_estimate(strata, options.confidence, rates)
     low, high = combined.low, combined.high
     if len(strata) == 1:
         low, high = INTERVALS[options.interval](successes[0], trials[0], options.confidence)
     return Rate(combined.rate, low, high, combined.variance, sum(trials), sum(successes))
-
-
-def _group(items: Iterable[T], key: Callable[[T], K]) -> dict[K, list[T]]:
-    groups: dict[K, list[T]] = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return groups
 
 
 # --- baseline vs text ---------------------------------------------------------------------
@@ -842,10 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     locations = [args.campaign] + ([args.compare] if args.compare else [])
     try:
-        confidence = args.confidence
-        if confidence is None:
-            confidence = open_results(args.campaign).manifest.get("spec", {}).get("confidence")
-        options = Options(confidence or 0.95, args.interval, args.bootstrap)
+        options = Options(args.confidence, args.interval, args.bootstrap)
         report = build_report(locations, options)
         written = write_report(report, args.out or default_out(report.campaigns[0]))
     except BitstormError as error:

@@ -11,9 +11,9 @@ pyarrow datasets skip.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -26,6 +26,9 @@ from campaign.store import GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
 
 if TYPE_CHECKING:
     import pandas
+
+T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,17 @@ def results_of(store: Store) -> Results:
     return Results(store, manifest, connection)
 
 
+def group_by(items: Iterable[T], key: Callable[[T], K]) -> dict[K, list[T]]:
+    """``items`` grouped by ``key``, groups and items in first-seen order."""
+    groups: dict[K, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 def by_estimate(strata: Iterable[StratumCounts]) -> dict[tuple[str, str], list[StratumCounts]]:
     """Strata grouped by reported estimate: one SDC rate per (model, kind)."""
-    groups: dict[tuple[str, str], list[StratumCounts]] = {}
-    for stratum in strata:
-        groups.setdefault((stratum.model, stratum.kind), []).append(stratum)
-    return dict(sorted(groups.items()))
+    return dict(sorted(group_by(strata, lambda s: (s.model, s.kind)).items()))
 
 
 def counts(strata: Sequence[StratumCounts]) -> tuple[list[int], list[int], list[int]]:
@@ -138,21 +146,27 @@ def bit_pools(strata: Sequence[StratumCounts]) -> list[tuple[str, str, str, int]
     return [(s.model, s.kind, s.fmt, s.bit) for s in strata]
 
 
+def variance_rates(context: Sequence[StratumCounts]) -> dict[StratumCounts, float]:
+    """Each stratum's p for the variance, shrunk with its bit pool over ``context``."""
+    successes, trials, _ = counts(context)
+    shrunk = shrunk_rates(successes, trials, bit_pools(context))
+    return dict(zip(context, shrunk.tolist(), strict=True))
+
+
 def estimate(
     strata: Sequence[StratumCounts],
     confidence: float = 0.95,
-    context: Sequence[StratumCounts] | None = None,
+    rates: Mapping[StratumCounts, float] | None = None,
 ) -> StratifiedEstimate:
-    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position over
-    ``context`` (default: ``strata`` themselves). A layer's rate, say, takes the model's other
-    layers as context: they are the evidence that a bit never corrupts anything."""
-    context = strata if context is None else context
-    successes, trials, _ = counts(context)
-    shrunk = dict(zip(context, shrunk_rates(successes, trials, bit_pools(context)), strict=True))
+    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position:
+    ``rates`` from :func:`variance_rates` over a larger context (a layer's rate takes the
+    model's other layers: they are the evidence that a bit never corrupts anything), else over
+    ``strata`` themselves."""
+    rates = variance_rates(strata) if rates is None else rates
     return stratified_estimate(
         *counts(strata),
         confidence=confidence,
-        variance_rates=[shrunk[s] for s in strata],
+        variance_rates=[rates[s] for s in strata],
         census=[s.census for s in strata],
     )
 

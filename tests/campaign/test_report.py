@@ -218,6 +218,17 @@ def test_effective_sample_size_counts_trials_that_share_a_fault(synthetic_campai
     assert size < 60
 
 
+def test_neuron_faults_on_different_images_are_different_faults(synthetic_campaign, tmp_path):
+    neuron = {(m, "neuron", lay): size for (m, _, lay), size in SITES.items()}
+    counts = {(m, "neuron", lay, b): n_k for (m, _, lay, b), n_k in COUNTS.items()}
+    path = synthetic_campaign("neurons", counts, neuron, MODELS, images=IMAGES, images_per_fault=4)
+    assert _run(path, out=tmp_path / "r") == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    kind = report["models"]["base"]["kinds"]["neuron"]
+    # The same index on 4 images is 4 faults: no clusters, every trial counts.
+    assert kind["effective_trials"] == pytest.approx(kind["overall"]["trials"])
+
+
 def test_an_old_manifest_without_model_facts_still_reports(synthetic_campaign, tmp_path):
     path = synthetic_campaign("old", COUNTS, SITES, None, images=IMAGES)
     assert _run(path, out=tmp_path / "r") == 0

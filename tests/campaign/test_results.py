@@ -13,6 +13,7 @@ from campaign.results import (
     estimate,
     open_results,
     results_of,
+    variance_rates,
 )
 from campaign.store import Store, trial_table
 from tests.campaign.conftest import model_entry
@@ -156,7 +157,7 @@ def test_a_layer_estimate_takes_its_bit_pools_from_the_context():
 
     layer = [stratum("a", 0, 0), stratum("a", 30, 5)]
     model = [*layer, stratum("b", 0, 0), stratum("c", 0, 0), stratum("b", 30, 9)]
-    alone, in_context = estimate(layer), estimate(layer, context=model)
+    alone, in_context = estimate(layer), estimate(layer, rates=variance_rates(model))
     assert alone.rate == in_context.rate
     # Bit 0 is clean in layers b and c too: in context it is shrunk towards their 0 of 40,
     # alone towards 0.5 (no evidence), so the interval is narrower in context.
