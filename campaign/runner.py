@@ -72,6 +72,7 @@ def validate(spec: CampaignSpec) -> tuple[dict[str, torch.nn.Module], dict[str, 
                     "the embedding file this checkpoint was trained with"
                 )
     models = load_models(spec)
+    example = _example_input(spec)
     sites = {}
     for name, model in models.items():
         names = select_layers(model, types=spec.layer_types)
@@ -81,7 +82,6 @@ def validate(spec: CampaignSpec) -> tuple[dict[str, torch.nn.Module], dict[str, 
                     f"layers: {pattern!r} matches no {spec.layer_types} layer of "
                     f"model {name!r} (e.g. {', '.join(list(names)[:4])})"
                 )
-        example = _example_input(spec, model)
         sites[name] = list(
             find_sites(
                 model,
@@ -287,7 +287,7 @@ def _path(store: Store, shard: Shard) -> str:
     return store.shard_path(shard.model, shard.kind, shard.layer, shard.id)
 
 
-def _example_input(spec: CampaignSpec, model: torch.nn.Module) -> tuple[int, ...]:
+def _example_input(spec: CampaignSpec) -> tuple[int, ...]:
     from campaign.workers import campaign_dataset
     from trainers.data import build_data
 

@@ -12,10 +12,10 @@ import torch
 from bitstorm.metrics import top2diff
 from campaign.engine import Engine
 from campaign.plan import Shard
-from campaign.sites import find_sites
+from campaign.sites import select_layers
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA, Store, trial_table
-from trainers.checkpoint import load_checkpoint
+from trainers.checkpoint import load_checkpoint, read_manifest
 from trainers.data import build_data
 
 
@@ -33,9 +33,10 @@ def load_models(spec: CampaignSpec) -> dict[str, torch.nn.Module]:
 
 
 def campaign_dataset(spec: CampaignSpec) -> str:
+    """The spec's data set, else the first checkpoint's (from its manifest: no weights read)."""
     if spec.dataset:
         return spec.dataset
-    return load_checkpoint(spec.model_entries()[0].checkpoint)[1].dataset
+    return read_manifest(spec.model_entries()[0].checkpoint)["config"]["dataset"]
 
 
 def select_images(spec: CampaignSpec, models: dict[str, torch.nn.Module]) -> CampaignImages:
@@ -45,6 +46,7 @@ def select_images(spec: CampaignSpec, models: dict[str, torch.nn.Module]) -> Cam
     val = build_data(campaign_dataset(spec), spec.data_root).val
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(spec.image_seed))
     chosen: list[int] = []
+    kept_images, kept_labels = [], []
     for start in range(0, len(order), 256):
         candidates = order[start : start + 256].tolist()
         images = torch.stack([val[i][0] for i in candidates])
@@ -55,15 +57,15 @@ def select_images(spec: CampaignSpec, models: dict[str, torch.nn.Module]) -> Cam
                 for model in models.values():
                     keep &= model(images).argmax(dim=1) == labels
         chosen += [c for c, k in zip(candidates, keep.tolist(), strict=True) if k]
+        kept_images.append(images[keep])
+        kept_labels.append(labels[keep])
         if len(chosen) >= spec.images:
             break
     chosen = chosen[: spec.images]
     if not chosen:
         raise ValueError("no image qualifies: every candidate is misclassified by some model")
     return CampaignImages(
-        chosen,
-        torch.stack([val[i][0] for i in chosen]),
-        torch.tensor([int(val[i][1]) for i in chosen]),
+        chosen, torch.cat(kept_images)[: len(chosen)], torch.cat(kept_labels)[: len(chosen)]
     )
 
 
@@ -102,13 +104,11 @@ class ShardWorker:
                 clamp=spec.clamp,
             )
             # The golden pass once per actor when the cache fits (else once per shard).
-            layers = find_sites(
-                model,
-                images.images[:1],
-                types=spec.layer_types,
-                include=spec.layers,
-                exclude=spec.exclude_layers,
-            ).names()
+            layers = list(
+                select_layers(
+                    model, types=spec.layer_types, include=spec.layers, exclude=spec.exclude_layers
+                )
+            )
             engine.warm(images.images, layers, spec.kinds)
             self.engines[name] = engine
 
