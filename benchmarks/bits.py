@@ -13,30 +13,15 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import time
 from pathlib import Path
 
 import torch
 from pytorchfi.neuron_error_models import single_bit_flip_func
+from timing import best_seconds, timed
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
 from campaign.bits import FORMATS, flip, int8_scale
-
-
-def best_seconds(fn, repeats: int, device: torch.device) -> float:
-    """Best wall time of ``repeats`` runs after one warm-up (GPU work synchronised)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def pytorchfi_flips_per_second(count: int) -> float:
@@ -47,10 +32,12 @@ def pytorchfi_flips_per_second(count: int) -> float:
     # and trips its own assertion: give it 1% headroom.
     peak = 1.01 * float(values.abs().max())
     bits = torch.randint(0, 8, (count,)).tolist()
-    start = time.perf_counter()
-    for value, bit in zip(values, bits, strict=True):
-        injector._flip_bit_signed(value, peak, bit)
-    return count / (time.perf_counter() - start)
+
+    def flip_each() -> None:
+        for value, bit in zip(values, bits, strict=True):
+            injector._flip_bit_signed(value, peak, bit)
+
+    return count / timed(flip_each)[0]
 
 
 def main() -> None:

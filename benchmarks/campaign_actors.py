@@ -10,14 +10,6 @@ and writes JSON (atomically).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named like the package it measures: drop its own folder from sys.path so that
-# `import campaign` finds the package, not this script.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import platform
 import tempfile

@@ -23,28 +23,20 @@ import io
 import platform
 import pstats
 import random
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from timing import best_seconds, timed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
 from campaign.engine import Engine, TrialGroup
-from campaign.reference import PytorchfiBatched, Trial
+from campaign.reference import PytorchfiBatched, Trial, random_weight_trials
+from campaign.results import group_by
 from trainers.models import build_model
-
-
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def flops(fn) -> int:
@@ -67,9 +59,7 @@ def suffix_fractions(engine: Engine, images: torch.Tensor, layers: list[str]) ->
 
 
 def to_groups(trials: list[tuple[Trial, int]]) -> list[TrialGroup]:
-    by_key: dict[tuple[str, str, str], list[tuple[Trial, int]]] = {}
-    for trial, image in trials:
-        by_key.setdefault((trial.kind, trial.layer, trial.fmt), []).append((trial, image))
+    by_key = group_by(trials, lambda item: (item[0].kind, item[0].layer, item[0].fmt))
     return [
         TrialGroup(
             kind,
@@ -112,8 +102,7 @@ def main() -> None:
 
     # Plain batched forward: the ceiling of any full-network method.
     with torch.no_grad():
-        model(images)
-        plain_s = min(timed(lambda: model(images), device)[0] for _ in range(3))
+        plain_s = best_seconds(lambda: model(images), 3, device)
     plain_rate = args.images / plain_s
 
     # Neuron faults, equal trials per layer; trial i of a batch on image i.
@@ -143,18 +132,13 @@ def main() -> None:
     neuron_trials = [t for batch in neuron_batches for t in batch]
     neuron_groups = to_groups(neuron_trials)
     engine.run_many(images, to_groups(neuron_trials[:64]))  # warm-up: traces and caches
-    engine_neuron_s, _ = timed(lambda: engine.run_many(images, neuron_groups), device)
+    engine_neuron_s, neuron_out = timed(lambda: engine.run_many(images, neuron_groups), device)
 
     # Weight faults uniform over the weight space; each on every image.
     weights = [site.weight_elements for site in layers]
-    weight_faults = []
-    for _ in range(args.weight_faults):
-        site = rng.choices(layers, weights=weights)[0]
-        weight_faults.append(
-            Trial(
-                "weight", site.name, rng.randrange(site.weight_elements), rng.randrange(32), "fp32"
-            )
-        )
+    weight_faults = random_weight_trials(
+        layers, np.random.default_rng(args.seed), args.weight_faults
+    )
     pfi_weight_s, pfi_weight_logits = 0.0, []
     for fault in weight_faults:
         seconds, logits = timed(lambda f=fault: baseline.weight_fault(images, f), device)
@@ -171,7 +155,6 @@ def main() -> None:
             logits.isnan().any(dim=1), -1, logits.nan_to_num(nan=-float("inf")).argmax(dim=1)
         )
 
-    neuron_out = engine.run_many(images, neuron_groups)
     engine_top1 = {}
     for group, out in zip(neuron_groups, neuron_out, strict=True):
         for index, bit, image, faulty in zip(
@@ -189,11 +172,13 @@ def main() -> None:
             total += 1
 
     # Last layer, exhaustively.
-    sweep_trials, sweep_s = 0, 0.0
-    start = time.perf_counter()
-    for group, _ in engine.sweep_layer(images, final, "fp32", weights_per_chunk=256):
-        sweep_trials += len(group)
-    sweep_s = time.perf_counter() - start
+    sweep_s, sweep_trials = timed(
+        lambda: sum(
+            len(group)
+            for group, _ in engine.sweep_layer(images, final, "fp32", weights_per_chunk=256)
+        ),
+        device,
+    )
 
     # Arithmetic bounds.
     fractions = suffix_fractions(engine, images, [s.name for s in layers])

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed
 
 from bitstorm.atomic import write_json_atomic
 from campaign.engine import Engine
 from campaign.plan import Shard, make_plan
-from campaign.reference import PytorchfiBatched, Trial
+from campaign.reference import PytorchfiBatched, random_weight_trials
 from campaign.results import StratumCounts, estimate
 from campaign.sequential import run_rounds
-from campaign.sites import find_sites
+from campaign.sites import SiteSpace, find_sites
 from campaign.spec import CampaignSpec
 from campaign.stats import (
     effective_sample_size,
@@ -48,12 +49,11 @@ from trainers.checkpoint import load_checkpoint, resolve_checkpoint
 MODEL = "model"
 
 
-def bitstorm_run(spec: CampaignSpec, model, images) -> dict:
+def bitstorm_run(spec: CampaignSpec, model, images, space: SiteSpace) -> dict:
     """The sequential plan (campaign.sequential.run_rounds, as the campaign runs it),
     evaluated in process: no Ray, no Parquet, so the timing is the engine's and the plan's."""
     started = time.perf_counter()
     engine = Engine(model, images.images[:1], device="cpu", batch_size=spec.batch_size)
-    space = find_sites(model, images.images[:1], types=spec.layer_types)
     engine.warm(images.images, space.names(), spec.kinds)
     n_images = len(images.indices)
     plan = make_plan(spec, {MODEL: list(space)}, n_images)
@@ -95,14 +95,13 @@ def bitstorm_run(spec: CampaignSpec, model, images) -> dict:
     }
 
 
-def pytorchfi_run(spec: CampaignSpec, model, images, seed: int) -> dict:
+def pytorchfi_run(spec: CampaignSpec, model, images, space: SiteSpace, seed: int) -> dict:
     """Leveugle-sized uniform sample over (weight, bit, image), each fault on a batch of
     images, as pytorchfi runs weight faults fastest."""
     started = time.perf_counter()
-    space = list(find_sites(model, images.images[:1], types=spec.layer_types))
-    weights = np.array([s.weight_elements for s in space], dtype=float)
+    sites = list(space)
     n_images = len(images.indices)
-    population = weights.sum() * 32 * n_images
+    population = sum(s.weight_elements for s in sites) * 32 * n_images
     needed = leveugle_sample_size(population, spec.margin, spec.confidence)
     faults = math.ceil(needed / n_images)
     rng = np.random.default_rng(seed)
@@ -110,11 +109,11 @@ def pytorchfi_run(spec: CampaignSpec, model, images, seed: int) -> dict:
     with torch.no_grad():
         golden = model(images.images).argmax(dim=1)
     per_fault = []
-    for trial in _random_trials(space, weights, rng, faults):
+    for trial in random_weight_trials(sites, rng, faults):
         logits = baseline.weight_fault(images.images, trial)
         per_fault.append(int((logits.argmax(dim=1) != golden).sum()))
     seconds = time.perf_counter() - started
-    single = _single_image_seconds(baseline, images.images, space, weights, rng, samples=256)
+    single = _single_image_seconds(baseline, images.images, sites, rng, samples=256)
     hits, total = sum(per_fault), faults * n_images
     low, high = wilson_interval(hits, total, spec.confidence)
     effective = effective_sample_size(per_fault, [n_images] * faults)
@@ -137,24 +136,16 @@ def pytorchfi_run(spec: CampaignSpec, model, images, seed: int) -> dict:
     }
 
 
-def _random_trials(space, weights, rng, count: int) -> list[Trial]:
-    """``count`` weight faults uniform over every weight bit of the model (fp32)."""
-    trials = []
-    for layer in rng.choice(len(space), size=count, p=weights / weights.sum()):
-        site = space[layer]
-        index, bit = int(rng.integers(site.weight_elements)), int(rng.integers(32))
-        trials.append(Trial("weight", site.name, index, bit, "fp32"))
-    return trials
-
-
-def _single_image_seconds(baseline, images, space, weights, rng, samples: int) -> float:
+def _single_image_seconds(baseline, images, sites, rng, samples: int) -> float:
     """Seconds per trial when every trial has its own fault and image (independent trials, as
     Leveugle's count assumes): pytorchfi then runs one single-image forward per trial."""
-    started = time.perf_counter()
-    for trial in _random_trials(space, weights, rng, samples):
-        image = int(rng.integers(len(images)))
-        baseline.weight_fault(images[image : image + 1], trial)
-    return (time.perf_counter() - started) / samples
+
+    def run_all() -> None:
+        for trial in random_weight_trials(sites, rng, samples):
+            image = int(rng.integers(len(images)))
+            baseline.weight_fault(images[image : image + 1], trial)
+
+    return timed(run_all)[0] / samples
 
 
 def main() -> None:
@@ -179,8 +170,9 @@ def main() -> None:
         seed=args.seed,
     )
     images = select_images(spec, {MODEL: model})
-    ours = bitstorm_run(spec, model, images)
-    theirs = pytorchfi_run(spec, model, images, args.seed)
+    space = find_sites(model, images.images[:1], types=spec.layer_types)
+    ours = bitstorm_run(spec, model, images, space)
+    theirs = pytorchfi_run(spec, model, images, space, args.seed)
     agree = ours["low"] <= theirs["high_effective"] and theirs["low_effective"] <= ours["high"]
     speedup = theirs["seconds"] / ours["seconds"]
     print(

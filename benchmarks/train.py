@@ -14,10 +14,10 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
@@ -38,18 +38,17 @@ def plain_loop(cfg: TrainConfig) -> float:
     rates = []
     for epoch in range(cfg.epochs):
         loader.sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        stats = run_epoch(model, loader, torch.device("cpu"), cfg, optimizer, scaler)
-        rates.append(stats["count"] / (time.perf_counter() - start))
+        seconds, stats = timed(
+            lambda: run_epoch(model, loader, torch.device("cpu"), cfg, optimizer, scaler)
+        )
+        rates.append(stats["count"] / seconds)
     return rates[-1]
 
 
 def ray_run(cfg: TrainConfig) -> tuple[float, float]:
     from trainers.run import fit
 
-    start = time.perf_counter()
-    result = fit(cfg)
-    wall = time.perf_counter() - start
+    wall, result = timed(lambda: fit(cfg))
     history = read_manifest(result.checkpoint.path)["history"]
     return history[-1]["images_per_s"], wall
 

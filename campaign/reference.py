@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pytorchfi import core
 from torch import nn
@@ -46,6 +47,21 @@ class Trial:
                 f"bit {self.bit} is outside {self.fmt}'s {format_width(self.fmt)} bits "
                 f"(0..{format_width(self.fmt) - 1})"
             )
+
+
+def random_weight_trials(
+    sites: Sequence[LayerSite], rng: np.random.Generator, count: int
+) -> list[Trial]:
+    """``count`` fp32 weight faults uniform over every weight bit of ``sites``: a layer with
+    probability proportional to its weight elements, then an element and a bit uniformly."""
+    weights = np.array([site.weight_elements for site in sites], dtype=float)
+    trials = []
+    for layer in rng.choice(len(sites), size=count, p=weights / weights.sum()):
+        site = sites[layer]
+        index = int(rng.integers(site.weight_elements))
+        bit = int(rng.integers(format_width("fp32")))
+        trials.append(Trial("weight", site.name, index, bit, "fp32"))
+    return trials
 
 
 def reference_logits(
@@ -122,7 +138,7 @@ class _BitFlipInjector(core.fault_injection):
         self._images = images
         # Per batch element: (layer number, location, bit, format, int8 scale).
         self._faults: dict[int, tuple[int, tuple[int, ...], int, str, float | None]] = {}
-        self._numbers: dict[nn.Module, int] | None = None
+        self._call_order: list[nn.Module] | None = None
         super().__init__(
             model,
             batch_size=len(images),
@@ -189,7 +205,7 @@ class _BitFlipInjector(core.fault_injection):
 
     def _neuron_layer_number(self, module: nn.Module) -> int:
         """pytorchfi's neuron layer number of ``module``: its place in hook call order."""
-        if self._numbers is None:
+        if self._call_order is None:
             leaves = {
                 name: m
                 for name, m in self._model.named_modules()
@@ -199,8 +215,9 @@ class _BitFlipInjector(core.fault_injection):
             with hooked_outputs(leaves, lambda name, _out: order.append(leaves[name])):
                 self._model(self._images[:1])
             assert len(order) == self.get_total_layers(), "pytorchfi saw other layers than we did"
-            self._numbers = {m: _position(order, m) for m in order}
-        return self._numbers[module]
+            self._call_order = order
+        # Only the target must be called once; other modules of its type may be called repeatedly.
+        return _position(self._call_order, module)
 
     def _flip_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         """pytorchfi neuron hook: flip each batch element's declared element in this layer."""

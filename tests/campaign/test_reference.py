@@ -4,6 +4,7 @@ forward hook that flips one output element."""
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 
 from bitstorm.errors import ConfigError
 from campaign.bits import FORMATS, flip, int8_scale
-from campaign.reference import Trial, reference_logits
+from campaign.reference import Trial, random_weight_trials, reference_logits
 from campaign.sites import activation_peaks, find_sites
 
 from .test_sites import SharedConv
@@ -146,6 +147,46 @@ def test_reference_refuses_what_pytorchfi_would_get_wrong():
         reference_logits(
             Attend().eval(), torch.randn(2, 5, 8), [Trial("neuron", "attn.out_proj", 0, 1, "fp32")]
         )
+
+
+class TwiceThenOnce(nn.Module):
+    """A Linear ``a`` called twice, then a Linear ``b`` of the same type called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+def test_neuron_fault_beside_a_module_called_twice():
+    torch.manual_seed(0)
+    model = TwiceThenOnce().eval()
+    images = torch.randn(3, 6)
+    # Another module of b's type running twice must not stop faults in b, which runs once.
+    trials = [Trial("neuron", "b", 2, 30, "fp32"), Trial("neuron", "b", 1, 3, "fp16")]
+    got = reference_logits(model, images, trials)
+    for trial, logits in zip(trials, got, strict=True):
+        expected = _by_hand(model, images, trial)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True, msg=str(trial))
+        assert not torch.equal(logits, model(images))
+    with pytest.raises(ConfigError, match="runs 2 times per forward"):
+        reference_logits(model, images, [Trial("neuron", "a", 0, 30, "fp32")])
+
+
+def test_random_weight_trials_are_valid_reproducible_and_weight_proportional():
+    sites = list(find_sites(_tiny_net(), torch.randn(1, 3, 8, 8), types="weighted"))
+    trials = random_weight_trials(sites, np.random.default_rng(3), 4000)
+    assert trials == random_weight_trials(sites, np.random.default_rng(3), 4000)
+    by_name = {s.name: s for s in sites}
+    assert all(t.kind == "weight" and t.fmt == "fp32" for t in trials)
+    assert all(0 <= t.index < by_name[t.layer].weight_elements and 0 <= t.bit < 32 for t in trials)
+    # fc holds 1,920 of the 2,816 weights: about 68% of the draws.
+    total = sum(s.weight_elements for s in sites)
+    share = sum(t.layer == "fc" for t in trials) / len(trials)
+    assert abs(share - by_name["fc"].weight_elements / total) < 0.03
 
 
 @pytest.mark.parametrize(
