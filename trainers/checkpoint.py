@@ -4,7 +4,8 @@ A checkpoint is a folder: ``checkpoint.json`` (format, the full ``TrainConfig``,
 embedding geometry and file hash, epoch, the metrics of every epoch so far, and the sha256 of the
 weights), ``model.safetensors``
 (the weights) and ``train_state.pt`` (optimiser and schedule, for resuming; read with
-``weights_only=True``). ``load_checkpoint`` is the one loader every later stage uses.
+``weights_only=True``). ``load_checkpoint`` is the one loader every later stage uses; it and
+resuming read the weights through ``load_weights``, which checks their sha256.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.config import from_dict, to_dict
 from bitstorm.errors import BitstormError, DataError
 from trainers.config import TrainConfig
-from trainers.heads import TextHead
+from trainers.heads import TextHead, head_kind
 from trainers.models import build_model
 
 FORMAT = "bitstorm.checkpoint.v1"
@@ -95,22 +96,13 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, TrainConfig]:
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    try:
-        raw = (folder / WEIGHTS).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{folder}: checkpoint has no {WEIGHTS}") from None
-    if hashlib.sha256(raw).hexdigest() != manifest["weights_sha256"]:
-        raise DataError(
-            f"{folder / WEIGHTS}: sha256 does not match the manifest: the weights "
-            "were modified or replaced after the checkpoint was written"
-        )
+    state = load_weights(folder, manifest)
     try:
         config = from_dict(TrainConfig, manifest["config"], f"{folder / MANIFEST}")
-        state = load_safetensors(raw)
-    except (BitstormError, SafetensorError) as error:
+    except BitstormError as error:
         raise DataError(f"{folder}: unreadable checkpoint ({error})") from None
     # The class rows come from the weights, so any text head of the same geometry will do.
-    head = "text_random" if config.head.startswith("text") else config.head
+    head = "text_random" if head_kind(config.head).rows is not None else config.head
     model = build_model(
         config.backbone,
         head,
@@ -126,6 +118,29 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, TrainConfig]:
             f"head ({str(error).splitlines()[0]} ...)"
         ) from None
     return model.eval(), config
+
+
+def load_weights(
+    folder: str | Path, manifest: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint's ``model.safetensors``, on the CPU, after checking its
+    sha256 against the manifest (``manifest``, if already read)."""
+    folder = Path(folder)
+    if manifest is None:
+        manifest = read_manifest(folder)
+    try:
+        raw = (folder / WEIGHTS).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{folder}: checkpoint has no {WEIGHTS}") from None
+    if hashlib.sha256(raw).hexdigest() != manifest["weights_sha256"]:
+        raise DataError(
+            f"{folder / WEIGHTS}: sha256 does not match the manifest: the weights "
+            "were modified or replaced after the checkpoint was written"
+        )
+    try:
+        return load_safetensors(raw)
+    except SafetensorError as error:
+        raise DataError(f"{folder}: unreadable checkpoint ({error})") from None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -158,6 +173,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:
+    """The optimiser and schedule state of a checkpoint (no weights: see ``load_weights``)."""
     return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from bitstorm.config import from_dict
 from bitstorm.metrics import top2diff, topk_correct
 from embeddings.store import load_embeddings
-from trainers.checkpoint import load_train_state, read_manifest, save_checkpoint
+from trainers.checkpoint import load_train_state, load_weights, read_manifest, save_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import build_data
 from trainers.heads import head_kind
@@ -146,11 +146,11 @@ def run_training(cfg: TrainConfig, session: Session) -> None:
     history: list[dict[str, float]] = []
 
     def resume(folder: Path) -> int:
+        manifest = read_manifest(folder)
+        _unwrap(model).load_state_dict(load_weights(folder, manifest))
         state = load_train_state(folder)
-        _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        manifest = read_manifest(folder)
         history.extend(manifest["history"])
         return int(manifest["epoch"])
 
@@ -184,7 +184,6 @@ def run_training(cfg: TrainConfig, session: Session) -> None:
                     history=history,
                     embeddings_sha256=embeddings_sha256,
                     train_state={
-                        "model": _unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                     },

@@ -13,6 +13,7 @@ from trainers.checkpoint import (
     WEIGHTS,
     load_checkpoint,
     load_train_state,
+    load_weights,
     read_manifest,
     resolve_checkpoint,
     save_checkpoint,
@@ -61,6 +62,9 @@ def test_round_trip_gives_the_same_logits(tmp_path, head):
         None if head == "linear" else (12 if rows is not None else 512)
     )
     assert int(load_train_state(folder)["step"]) == 4
+    weights = load_weights(folder)  # what resuming loads: the checked model.safetensors
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_tampered_weights_are_refused(tmp_path):
@@ -70,6 +74,8 @@ def test_tampered_weights_are_refused(tmp_path):
     (folder / WEIGHTS).write_bytes(bytes(raw))
     with pytest.raises(DataError, match="sha256 does not match"):
         load_checkpoint(folder)
+    with pytest.raises(DataError, match="sha256 does not match"):
+        load_weights(folder)  # resuming reads the weights through the same check
 
 
 def test_mismatched_architecture_is_refused(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitstorm.config import to_dict
-from trainers.checkpoint import load_checkpoint, read_manifest
+from trainers.checkpoint import load_checkpoint, load_train_state, read_manifest
 from trainers.config import TrainConfig
 from trainers.data import build_data
 from trainers.loop import make_train_loader
@@ -99,6 +99,8 @@ def test_rerun_resumes_from_the_latest_checkpoint(ray_local, tmp_path, one_worke
     resumed = fit(_config(tmp_path, "resumed", 1, epochs=2))  # same run: picks up after epoch 1
     history = read_manifest(resumed.checkpoint.path)["history"]
     assert [row["epoch"] for row in history] == [1, 2]
+    # The weights live in model.safetensors only (sha256-checked); train_state.pt has the rest.
+    assert set(load_train_state(resumed.checkpoint.path)) == {"optimizer", "scheduler"}
     # Optimiser state, schedule and data order were restored: identical to an unbroken run.
     model_a, _ = load_checkpoint(resumed.checkpoint.path)
     model_b, _ = load_checkpoint(one_worker.checkpoint.path)
