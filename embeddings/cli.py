@@ -15,15 +15,9 @@ from bitstorm.atomic import write_json_atomic
 from bitstorm.errors import BitstormError
 from embeddings.build import build_embeddings
 from embeddings.classes import CLASS_SETS, class_names
-from embeddings.descriptions import (
-    Descriptions,
-    clean_descriptions,
-    read_descriptions,
-    shipped_descriptions,
-    template_descriptions,
-)
+from embeddings.descriptions import Descriptions, clean_descriptions, load_descriptions
 from embeddings.encoders import DEFAULT_ENCODER, load_encoder
-from embeddings.llm import CUPL_QUESTIONS, LLMConfig, llm_descriptions, load_questions
+from embeddings.llm import CUPL_QUESTIONS, LLMConfig, load_questions
 from embeddings.store import ClassEmbeddings, import_release, load_embeddings, save_embeddings
 
 
@@ -148,12 +142,9 @@ def _build(args: argparse.Namespace) -> ClassEmbeddings:
 
 
 def _descriptions(args: argparse.Namespace, names: list[str]) -> Descriptions:
-    if args.descriptions == "shipped":
-        return shipped_descriptions(args.classes)
-    if args.descriptions == "templates":
-        return template_descriptions(names)
+    llm_config, questions = None, None
     if args.descriptions == "llm":
-        config = LLMConfig.from_env(
+        llm_config = LLMConfig.from_env(
             base_url=args.llm_base_url,
             model=args.llm_model,
             api_key=args.llm_api_key,
@@ -161,9 +152,10 @@ def _descriptions(args: argparse.Namespace, names: list[str]) -> Descriptions:
             requests_per_minute=args.requests_per_minute,
             cache_dir=args.cache_dir,
         )
-        questions = load_questions(args.questions) if args.questions else CUPL_QUESTIONS
-        return llm_descriptions(names, config, questions)
-    return read_descriptions(args.descriptions)
+        questions = load_questions(args.questions) if args.questions else None
+    return load_descriptions(
+        args.descriptions, args.classes, names, llm_config=llm_config, questions=questions
+    )
 
 
 def describe(result: ClassEmbeddings, path: Path) -> str:

@@ -15,9 +15,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bitstorm.errors import ConfigError, DataError
 from embeddings.classes import display_name
+
+if TYPE_CHECKING:  # embeddings.llm imports this module
+    from embeddings.llm import LLMConfig
 
 Descriptions = dict[str, list[str]]
 
@@ -36,6 +40,32 @@ TEMPLATES = (
 )
 
 _HAS_WORD = re.compile(r"\w")
+
+
+def load_descriptions(
+    source: str,
+    class_set: str,
+    class_names: Sequence[str],
+    *,
+    llm_config: LLMConfig | None = None,
+    questions: Sequence[str] | None = None,
+) -> Descriptions:
+    """Raw descriptions (clean them with :func:`clean_descriptions`) from ``source``:
+    ``shipped`` (for ``class_set``), ``templates``, ``llm`` (``questions``, default CuPL's, asked
+    with ``llm_config``, default ``LLMConfig.from_env()``: the environment's endpoint and model)
+    or the path of a JSON file."""
+    if source == "shipped":
+        return shipped_descriptions(class_set)
+    if source == "templates":
+        return template_descriptions(class_names)
+    if source == "llm":
+        from embeddings.llm import CUPL_QUESTIONS, LLMConfig, llm_descriptions
+
+        config = llm_config if llm_config is not None else LLMConfig.from_env()
+        return llm_descriptions(
+            class_names, config, CUPL_QUESTIONS if questions is None else questions
+        )
+    return read_descriptions(source)
 
 
 def shipped_descriptions(class_set: str) -> Descriptions:

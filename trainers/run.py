@@ -12,12 +12,7 @@ from pathlib import Path
 
 from bitstorm.config import to_dict
 from embeddings.build import build_embeddings
-from embeddings.descriptions import (
-    clean_descriptions,
-    read_descriptions,
-    shipped_descriptions,
-    template_descriptions,
-)
+from embeddings.descriptions import clean_descriptions, load_descriptions
 from embeddings.encoders import load_encoder
 from embeddings.store import load_embeddings, save_embeddings
 from trainers.config import TrainConfig
@@ -39,12 +34,9 @@ def resolve_embeddings(cfg: TrainConfig) -> TrainConfig:
     path = built_embeddings_path(cfg)
     if not path.is_file():
         log.info("building class embeddings %s", path)
-        if cfg.descriptions == "shipped":
-            raw = shipped_descriptions(cfg.dataset)
-        elif cfg.descriptions == "templates":
-            raw = template_descriptions(names)
-        else:
-            raw = read_descriptions(cfg.descriptions)
+        # llm: the endpoint and model come from the environment (BITSTORM_LLM_*), as the
+        # embeddings CLI's defaults do.
+        raw = load_descriptions(cfg.descriptions, cfg.dataset, names)
         descriptions = clean_descriptions(raw, names, cfg.descriptions)
         built = build_embeddings(
             names, descriptions, load_encoder(cfg.text_encoder), description_source=cfg.descriptions
