@@ -12,6 +12,8 @@ import difflib
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,48 @@ import yaml
 from bitstorm.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def load_config(
+    cls: type[T],
+    spec: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    package: str,
+    folder: str,
+) -> T:
+    """Dataclass ``cls`` from a YAML file, or from the file ``<folder>/<spec>.yaml`` shipped in
+    ``package`` (see ``shipped_config``), with ``key=value`` overrides applied; errors name
+    ``spec`` as given."""
+    path = shipped_config(spec, folder, package=package)
+    return from_dict(cls, apply_overrides(read_config_file(path), overrides), str(spec))
+
+
+def shipped_config(spec: str | Path, folder: str, *, package: str) -> Path:
+    """``spec`` itself if it is a file, else the file ``<folder>/<spec>.yaml`` shipped in
+    ``package`` (``trainers``' ``configs`` for training recipes and ``sweeps`` for Tune sweeps;
+    ``campaign``'s ``specs`` for campaign presets, named with their subfolder:
+    ``paper/digits_resnet18``). An unknown name lists the shipped ones."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    root = resources.files(package).joinpath(folder)
+    shipped = root.joinpath(f"{spec}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = ", ".join(_yaml_names(root))
+    raise ConfigError(f"no config file {spec!r}; shipped {folder}: {names}")
+
+
+def _yaml_names(folder: Traversable, prefix: str = "") -> list[str]:
+    """Names of the YAML files under ``folder`` without the suffix, subfolders as ``sub/name``."""
+    names = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            names += _yaml_names(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith(".yaml"):
+            names.append(prefix + entry.name.removesuffix(".yaml"))
+    return sorted(names)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -207,12 +207,14 @@ def default_campaign(output: Path):
     models = []
     for head, cfg in default_train_configs(output).items():
         checkpoint = latest_checkpoint(cfg.run_dir)
-        if checkpoint is None or read_manifest(checkpoint)["epoch"] < cfg.epochs:
+        manifest = read_manifest(checkpoint) if checkpoint is not None else None
+        if manifest is None or manifest["epoch"] < cfg.epochs:
             log.info("training %s (resnet18, %s head) on digits", cfg.name, head)
             checkpoint = Path(fit(cfg).checkpoint.path)
+            manifest = read_manifest(checkpoint)
         else:
             log.info("reusing trained %s: %s", cfg.name, checkpoint)
-        accuracy = read_manifest(checkpoint)["metrics"]["val_top1"]
+        accuracy = manifest["metrics"]["val_top1"]
         log.info("%s: validation top-1 %.2f%%", cfg.name, 100 * accuracy)
         entry = {"name": f"resnet18_{head}", "checkpoint": str(checkpoint)}
         if head == "text":
@@ -236,9 +238,8 @@ def load_campaign_spec(spec: str, overrides: list[str]) -> CampaignSpec:
     model's ``checkpoint`` may name a training run folder, which becomes its latest checkpoint."""
     from campaign.spec import load_spec
     from trainers.checkpoint import resolve_checkpoint
-    from trainers.config import shipped_config
 
-    loaded = load_spec(shipped_config(spec, "specs", package="campaign"), overrides)
+    loaded = load_spec(spec, overrides)
     models = []
     for raw, entry in zip(loaded.models, loaded.model_entries(), strict=True):
         try:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitstorm.config import apply_overrides, from_dict, read_config_file, to_dict
+from bitstorm.config import from_dict, load_config, to_dict
 from bitstorm.errors import ConfigError
 from campaign.bits import FORMATS, format_width
 
@@ -142,4 +142,6 @@ class CampaignSpec:
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CampaignSpec:
-    return from_dict(CampaignSpec, apply_overrides(read_config_file(path), overrides), str(path))
+    """A campaign spec by file path or by the name of a shipped preset (``paper/digits_resnet18``),
+    plus overrides."""
+    return load_config(CampaignSpec, path, overrides, package="campaign", folder="specs")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from bitstorm.config import apply_overrides, from_dict, read_config_file
+from bitstorm.config import load_config
 from bitstorm.errors import ConfigError
 from trainers.data import DATASETS
 from trainers.heads import HEADS
@@ -101,31 +99,4 @@ class TrainConfig:
 
 def load_train_config(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A recipe by file path or by the name of a shipped one (``digits_text``), plus overrides."""
-    path = shipped_config(spec)
-    return from_dict(TrainConfig, apply_overrides(read_config_file(path), overrides), str(spec))
-
-
-def shipped_config(spec: str | Path, folder: str = "configs", package: str = "trainers") -> Path:
-    """``spec`` itself if it is a file, else the file ``<folder>/<spec>.yaml`` shipped in
-    ``package`` (``configs`` for training recipes, ``sweeps`` for Tune sweeps; ``campaign``'s
-    ``specs`` for campaign presets, named with their subfolder: ``paper/digits_resnet18``)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    root = resources.files(package).joinpath(folder)
-    shipped = root.joinpath(f"{spec}.yaml")
-    if shipped.is_file():
-        return Path(str(shipped))
-    names = ", ".join(_yaml_names(root))
-    raise ConfigError(f"no config file {spec!r}; shipped {folder}: {names}")
-
-
-def _yaml_names(folder: Traversable, prefix: str = "") -> list[str]:
-    """Names of the YAML files under ``folder`` without the suffix, subfolders as ``sub/name``."""
-    names = []
-    for entry in folder.iterdir():
-        if entry.is_dir():
-            names += _yaml_names(entry, f"{prefix}{entry.name}/")
-        elif entry.name.endswith(".yaml"):
-            names.append(prefix + entry.name.removesuffix(".yaml"))
-    return sorted(names)
+    return load_config(TrainConfig, spec, overrides, package="trainers", folder="configs")

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
-from bitstorm.config import apply_overrides, from_dict, read_config_file, to_dict
+from bitstorm.config import from_dict, load_config, to_dict
 from bitstorm.errors import BitstormError, ConfigError
-from trainers.config import TrainConfig, load_train_config, shipped_config
+from trainers.config import TrainConfig, load_train_config
 
 TRIAL_MODES = ("function", "train")
 SCHEDULERS = ("asha", "none")
@@ -59,8 +59,8 @@ class SweepConfig:
 
 
 def load_sweep(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    path = shipped_config(spec, "sweeps")
-    return from_dict(SweepConfig, apply_overrides(read_config_file(path), overrides), str(spec))
+    """A sweep by file path or by the name of a shipped one (``digits``), plus overrides."""
+    return load_config(SweepConfig, spec, overrides, package="trainers", folder="sweeps")
 
 
 def variant_configs(sweep: SweepConfig) -> dict[str, TrainConfig]:

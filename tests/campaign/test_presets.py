@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bitstorm.config import shipped_config
 from bitstorm.errors import ConfigError
 from campaign.run import (
     build_parser,
@@ -18,7 +19,7 @@ from campaign.run import (
 )
 from campaign.spec import CampaignSpec, load_spec
 from trainers.checkpoint import FORMAT, MANIFEST
-from trainers.config import TrainConfig, load_train_config, shipped_config
+from trainers.config import TrainConfig, load_train_config
 from trainers.heads import head_kind
 from trainers.run import built_embeddings_path
 
