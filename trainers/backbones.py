@@ -35,27 +35,25 @@ BUILTIN: dict[str, Callable[[int], nn.Module]] = {"tiny_cnn": _tiny_cnn}
 
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = False) -> nn.Module:
     """A classifier network by name. ``pretrained`` loads torchvision/timm weights (downloads)."""
-    import timm
     import torchvision
 
     if name in BUILTIN:
         if pretrained:
             raise ConfigError(f"{name} is built in and has no pretrained weights")
         return BUILTIN[name](num_classes)
-    if name in torchvision.models.list_models(module=torchvision.models):
+    torchvision_models = torchvision.models.list_models(module=torchvision.models)
+    if name in torchvision_models:
         if not pretrained:
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         model = torchvision.models.get_model(name, weights="DEFAULT")
         path, old = classifier(model, out_features=None)
         replace_module(model, path, nn.Linear(old.in_features, num_classes))
         return model
+    import timm  # only here: importing timm costs about half a second
+
     if timm.is_model(name):
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
-    known = [
-        *BUILTIN,
-        *torchvision.models.list_models(module=torchvision.models),
-        *timm.list_models(),
-    ]
+    known = [*BUILTIN, *torchvision_models, *timm.list_models()]
     close = difflib.get_close_matches(name, known, n=5)
     raise ConfigError(
         f"unknown backbone {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
@@ -96,9 +94,3 @@ def use_small_input_stem(model: nn.Module, name: str) -> None:
         features[0][0].stride = (1, 1)
         return
     raise ConfigError(f"small_input is supported for ResNets and mobilenet_v2, not {name!r}")
-
-
-def feature_dim(model: nn.Module, path: str) -> int:
-    module = model.get_submodule(path)
-    assert isinstance(module, nn.Linear)
-    return module.in_features

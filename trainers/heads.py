@@ -43,12 +43,12 @@ class TextHead(nn.Module):
 
 @dataclass(frozen=True)
 class HeadKind:
-    """How a head kind gets its class rows ``[C, D]``."""
+    """How a head kind gets its class rows ``[C, D]``; ``rows`` is None for the ``linear`` head,
+    which keeps the backbone's classifier (every other kind is a ``TextHead``)."""
 
     needs_embeddings: bool
     rows: Callable[[int, int, torch.Tensor | None, torch.Generator], torch.Tensor] | None
     freeze_rows: bool = False
-    summary: str = ""
 
 
 def _embedding_rows(_c: int, _d: int, embeddings: torch.Tensor | None, _g) -> torch.Tensor:
@@ -68,13 +68,11 @@ def _orthogonal_rows(c: int, d: int, _e, generator: torch.Generator) -> torch.Te
 
 
 HEADS: dict[str, HeadKind] = {
-    "linear": HeadKind(False, None, summary="the backbone's own linear classifier (baseline)"),
-    "text": HeadKind(True, _embedding_rows, summary="the paper's head, rows from class embeddings"),
-    "text_frozen": HeadKind(
-        True, _embedding_rows, freeze_rows=True, summary="text head with the class rows fixed"
-    ),
-    "text_random": HeadKind(False, _random_rows, summary="text geometry, random unit rows"),
-    "text_orthogonal": HeadKind(False, _orthogonal_rows, summary="text geometry, orthonormal rows"),
+    "linear": HeadKind(False, None),  # the backbone's own linear classifier (baseline)
+    "text": HeadKind(True, _embedding_rows),  # the paper's head, rows from class embeddings
+    "text_frozen": HeadKind(True, _embedding_rows, freeze_rows=True),  # class rows fixed
+    "text_random": HeadKind(False, _random_rows),  # text geometry, random unit rows
+    "text_orthogonal": HeadKind(False, _orthogonal_rows),  # text geometry, orthonormal rows
 }
 
 

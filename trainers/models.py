@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.backbones import (
-    classifier,
-    create_backbone,
-    feature_dim,
-    replace_module,
-    use_small_input_stem,
-)
-from trainers.heads import make_head
+from trainers.backbones import classifier, create_backbone, replace_module, use_small_input_stem
+from trainers.heads import head_kind, make_head
 
 
 def build_model(
@@ -36,20 +30,18 @@ def build_model(
         model = create_backbone(backbone, num_classes, pretrained=pretrained)
         if small_input:
             use_small_input_stem(model, backbone)
-        if head != "linear":
-            path, _ = classifier(model, num_classes)
+        if head_kind(head).rows is not None:  # a text-style head replaces the classifier
+            path, linear = classifier(model, num_classes)
             replace_module(
                 model,
                 path,
                 make_head(
                     head,
-                    feature_dim(model, path),
+                    linear.in_features,
                     num_classes,
                     embeddings=embeddings,
                     embedding_dim=embedding_dim,
                     seed=seed,
                 ),
             )
-        else:
-            make_head(head, 1, num_classes)  # validates the name
     return model
