@@ -27,3 +27,14 @@ def test_files_get_the_permissions_a_plain_open_would_give(tmp_path):
     plain.write_text("x")
     atomic = write_bytes_atomic(tmp_path / "atomic.txt", b"x")
     assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_writes_leave_the_process_umask_alone(tmp_path, monkeypatch):
+    """The umask is read once, at import: setting it per write would race other threads."""
+
+    def no_umask(_mask):
+        raise AssertionError("os.umask called during a write")
+
+    monkeypatch.setattr("os.umask", no_umask)
+    write_json_atomic(tmp_path / "a.json", {"a": 1})
+    write_bytes_atomic(tmp_path / "b.bin", b"b")
