@@ -26,7 +26,7 @@ import logging
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -251,17 +251,7 @@ class Engine:
             for call in range(max(1, self.sites[layer].calls))
             if layer in self._calls and call < len(self._calls[layer])
         ]
-        wanted = tuple(
-            dict.fromkeys(
-                node
-                for cut in cuts
-                for node in (
-                    cut.node,
-                    *cut.externals,
-                    *((cut.node.args[0],) if "weight" in kinds else ()),
-                )
-            )
-        )
+        wanted = _cached_nodes((cut, "weight" in kinds) for cut in cuts)
         if self._cache_cost(images, wanted) * len(images) > self.cache_bytes:
             return False
         with torch.no_grad(), eval_mode(self.model):
@@ -515,17 +505,7 @@ class Engine:
                 chosen = (calls == call).nonzero().flatten()
                 sub = group.subset(chosen, index_offset=offsets[chosen])
                 plans.append((position, chosen, sub, self._cut(group.layer, call)))
-        wanted = tuple(
-            dict.fromkeys(
-                node
-                for _, _, sub, cut in plans
-                for node in (
-                    cut.node,
-                    *cut.externals,
-                    *((cut.node.args[0],) if sub.kind == "weight" else ()),
-                )
-            )
-        )
+        wanted = _cached_nodes((cut, sub.kind == "weight") for _, _, sub, cut in plans)
         resident = self._resident
         if (
             resident is not None
@@ -822,6 +802,18 @@ def _fold_batchnorm(
 
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
+
+
+def _cached_nodes(cuts: Iterable[tuple[_Cut, bool]]) -> tuple[fx.Node, ...]:
+    """The golden values the suffixes of ``cuts`` need, each once: the cut layer's output, the
+    values crossing the cut, and for weight faults (the flag) the layer's input."""
+    return tuple(
+        dict.fromkeys(
+            node
+            for cut, weight in cuts
+            for node in (cut.node, *cut.externals, *((cut.node.args[0],) if weight else ()))
+        )
+    )
 
 
 def _golden_module(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
