@@ -217,9 +217,11 @@ class Engine:
 
     def profile(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, float]:
         """max |output| per layer over ``images`` (all calls): int8 neuron scales and clamps."""
-        missing = [name for name in layers if name not in self._peaks]
-        if missing:
-            self._peaks.update(activation_peaks(self.model, images, missing, self.batch_size))
+        if any(name not in self._peaks for name in layers):
+            # One forward profiles every layer: campaigns ask one layer per shard, and a
+            # forward per layer would repeat the whole golden pass for each.
+            todo = [n for n in dict.fromkeys([*layers, *self.sites]) if n not in self._peaks]
+            self._peaks.update(activation_peaks(self.model, images, todo, self.batch_size))
         return {name: self._peaks[name] for name in layers}
 
     def golden(self, images: torch.Tensor) -> torch.Tensor:
