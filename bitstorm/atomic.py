@@ -42,7 +42,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as the project writes JSON files: indented, keys sorted, a final newline."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically."""
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    return write_bytes_atomic(path, text.encode())
+    return write_bytes_atomic(path, json_bytes(payload))

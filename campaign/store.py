@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bitstorm.atomic import json_bytes
 from bitstorm.errors import DataError
 
 TRIAL_SCHEMA = pa.schema(
@@ -103,8 +104,8 @@ class Store:
         )
 
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
-        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-        self._write_atomically(path, lambda stream: stream.write(text.encode()))
+        data = json_bytes(payload)
+        self._write_atomically(path, lambda stream: stream.write(data))
 
     def _write_atomically(self, path: str, write: Callable[[Any], object]) -> None:
         """``write`` to a hidden temporary name beside ``path``, then move it into place; a
