@@ -21,11 +21,11 @@ from pytorchfi import core
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.bits import flip, format_width, int8_scale
-from campaign.sites import LayerSite, activation_peaks, eval_mode, find_sites, hooked_outputs
+from campaign.faults.bits import flip, format_width, int8_scale
+from campaign.faults.sites import LayerSite, activation_peaks, eval_mode, find_sites, hooked_outputs
+from campaign.faults.trials import KINDS
 
-Kind = Literal["weight", "neuron"]
-KINDS: tuple[Kind, ...] = ("weight", "neuron")
+Kind = Literal["weight", "neuron"]  # campaign.faults.trials.KINDS
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Trial:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"trial kind {self.kind!r} is unknown; pass 'weight' or 'neuron'")
+            raise ConfigError(
+                f"trial kind {self.kind!r} is unknown; pass {' or '.join(map(repr, KINDS))}"
+            )
         if not 0 <= self.bit < format_width(self.fmt):
             raise ConfigError(
                 f"bit {self.bit} is outside {self.fmt}'s {format_width(self.fmt)} bits "
@@ -108,7 +110,7 @@ def _site(sites: dict[str, LayerSite], trial: Trial) -> LayerSite:
     if trial.layer not in sites:
         raise ConfigError(
             f"{trial.layer!r} is not a module with a weight; list injectable layers with "
-            "campaign.sites.find_sites(model, example)"
+            "campaign.faults.sites.find_sites(model, example)"
         )
     site = sites[trial.layer]
     if trial.kind == "weight":

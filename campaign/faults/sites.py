@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.bits import format_width
+from campaign.faults.bits import format_width
 
 CONV_LINEAR: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -317,10 +317,13 @@ def _type_predicate(types: TypeSelector) -> Callable[[nn.Module], bool]:
 
 
 def _example_batch(model: nn.Module, example: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """A probe batch of at least two images: with one, an output that has no image dimension
+    (a table every image shares, such as Swin-V2's position bias) would look batched by its
+    leading 1."""
     if isinstance(example, torch.Tensor):
-        return example
+        return example.expand(2, *example.shape[1:]) if len(example) == 1 else example
     reference = next(iter(model.parameters()), None)
-    batch = torch.randn((1, *example), generator=torch.Generator().manual_seed(0))
+    batch = torch.randn((2, *example), generator=torch.Generator().manual_seed(0))
     if reference is None:
         return batch
     return batch.to(device=reference.device, dtype=reference.dtype)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitstorm.errors import BitstormError, ConfigError, DataError
-from campaign.bits import FORMATS, flip, format_width, int8_scale, quantize
+from campaign.faults.bits import FORMATS, flip, format_width, int8_scale, quantize
 
 N_RANDOM = 100_000
 RNG_SEED = 20231210

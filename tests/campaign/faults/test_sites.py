@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.sites import activation_peaks, find_sites, select_layers
+from campaign.faults.sites import activation_peaks, find_sites, select_layers
 
 FORMAT_WIDTHS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
 

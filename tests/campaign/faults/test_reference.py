@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.bits import FORMATS, flip, int8_scale
-from campaign.reference import Trial, random_weight_trials, reference_logits
-from campaign.sites import activation_peaks, find_sites
+from campaign.faults.bits import FORMATS, flip, int8_scale
+from campaign.faults.reference import Trial, random_weight_trials, reference_logits
+from campaign.faults.sites import activation_peaks, find_sites
 
 from .test_sites import SharedConv
 

@@ -12,9 +12,11 @@ import torchvision
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.bits import FORMATS, flip
-from campaign.engine import Engine, Outcomes, TrialGroup
-from campaign.reference import Trial, reference_logits
+from campaign.faults.bits import FORMATS, flip
+from campaign.faults.analytic import final_linear_scale
+from campaign.faults.engine import Engine
+from campaign.faults.trials import Outcomes, TrialGroup
+from campaign.faults.reference import Trial, reference_logits
 from trainers.models import build_model
 
 from .test_sites import SharedConv
@@ -64,7 +66,8 @@ def _compare(model, images, count, seed):
         for s in engine.sites.values()
         if s.calls == 1 and isinstance(model.get_submodule(s.name), nn.Conv2d | nn.Linear)
     ]
-    scales = {k: v / 127 for k, v in engine.profile(images, [s.name for s in layers]).items()}
+    cache = engine.golden(images)
+    scales = {k: v / 127 for k, v in engine.profile(cache, [s.name for s in layers]).items()}
     trials, groups = [], []
     for i in range(count):
         site = rng.choice(layers)
@@ -83,7 +86,7 @@ def _compare(model, images, count, seed):
                 torch.tensor([image]),
             )
         )
-    outcomes = engine.run_many(images, groups)
+    outcomes = engine.run_many(cache, groups)
     disagreements = []
     for (trial, image), outcome in zip(trials, outcomes, strict=True):
         ref = reference_logits(model, images[image : image + 1], [trial], neuron_scales=scales)[
@@ -170,7 +173,7 @@ def test_in_place_ops_after_a_site_do_not_change_the_cached_golden_values():
     index = torch.arange(16).repeat(6)
     image = torch.arange(6).repeat_interleave(16)
     group = TrialGroup("neuron", "1", "fp32", index, torch.full_like(index, 31), image)
-    outcome = engine.run(images, group)
+    outcome = engine.run(engine.golden(images), group)
     expected = [
         int(_manual_neuron(model, images[i : i + 1], "1", j, 31, "fp32")[0].argmax())
         for i, j in zip(image.tolist(), index.tolist(), strict=True)
@@ -221,12 +224,12 @@ def test_reused_module_is_addressed_per_call():
     engine = Engine(model, images[:1], device="cpu")
     first = 4 * 16 * 16
     for index, call, local in [(37, 0, 37), (first + 21, 1, 21)]:
-        out = engine.run(images, _single("neuron", "conv", index, 30, 2))
+        out = engine.run(engine.golden(images), _single("neuron", "conv", index, 30, 2))
         expected = _manual_neuron(model, images[2:3], "conv", local, 30, "fp32", call=call)
         assert int(out.faulty_top1[0]) == _top1(expected)
         assert torch.equal(out.value_after, flip(out.value_before, 30, "fp32"))
     # A weight of a reused module is one memory location: every call sees the fault.
-    out = engine.run(images, _single("weight", "conv", 5, 30, 1))
+    out = engine.run(engine.golden(images), _single("weight", "conv", 5, 30, 1))
     expected = _manual_weight(model, images[1:2], "conv", 5, 30, "fp32")
     assert int(out.faulty_top1[0]) == _top1(expected)
 
@@ -258,7 +261,7 @@ def test_models_fx_cannot_trace_use_hooks_and_say_so(caplog):
         ("weight", "fc", 33),
     ]:
         for image in range(len(images)):
-            out = engine.run(images, _single(kind, layer, index, 29, image))
+            out = engine.run(engine.golden(images), _single(kind, layer, index, 29, image))
             manual = (_manual_neuron if kind == "neuron" else _manual_weight)(
                 model, images[image : image + 1], layer, index, 29, "fp32"
             )
@@ -281,7 +284,7 @@ def test_attention_projection_weights_use_in_place_edits():
     engine = Engine(model, images[:1], device="cpu")
     layer = "encoder.layers.encoder_layer_0.self_attention.out_proj"
     with pytest.raises(ConfigError, match="no neuron sites"):
-        engine.run(images, _single("neuron", layer, 0, 3, 0))
+        engine.run(engine.golden(images), _single("neuron", layer, 0, 3, 0))
     group = TrialGroup(
         "weight",
         layer,
@@ -290,7 +293,7 @@ def test_attention_projection_weights_use_in_place_edits():
         torch.tensor([30, 30, 31]),
         torch.tensor([0, 2, 1]),
     )
-    out = engine.run(images, group)
+    out = engine.run(engine.golden(images), group)
     for t in range(3):
         image = int(group.image[t])
         manual = _manual_weight(
@@ -308,11 +311,11 @@ def test_non_finite_values_give_a_defined_outcome():
     images = torch.randn(2, 4)
     engine = Engine(model, images[:1], device="cpu")
     # 1.5 is 0x3FC00000; flipping bit 30 sets the exponent to all ones with a mantissa: NaN.
-    out = engine.run(images, _single("neuron", "0", 0, 30, 1))
+    out = engine.run(engine.golden(images), _single("neuron", "0", 0, 30, 1))
     assert out.value_after.isnan().all() and out.non_finite.all() and out.sdc.all()
     assert int(out.faulty_top1[0]) == -1 and out.top2diff.isnan().all()
     # Weight 0 is 0.0; bit 30 makes it 2.0, a finite change that may or may not flip the class.
-    out = engine.run(images, _single("weight", "0", 0, 30, 0))
+    out = engine.run(engine.golden(images), _single("weight", "0", 0, 30, 0))
     assert not out.non_finite.any() and float(out.value_after[0]) == 2.0
 
 
@@ -321,9 +324,10 @@ def test_clamp_limits_the_flipped_activation_to_the_profiled_range():
     model = torchvision.models.resnet18(num_classes=10).eval()
     images = torch.randn(4, 3, 32, 32)
     engine = Engine(model, images[:1], device="cpu", clamp=True)
-    peak = engine.profile(images, ["layer2.0.conv1"])["layer2.0.conv1"]
+    cache = engine.golden(images)
+    peak = engine.profile(cache, ["layer2.0.conv1"])["layer2.0.conv1"]
     out = engine.run(
-        images,
+        cache,
         TrialGroup(
             "neuron",
             "layer2.0.conv1",
@@ -365,9 +369,10 @@ def test_small_cache_budget_gives_the_same_outcomes():
         torch.randint(0, 16, (40,), generator=gen),
         torch.randint(0, 16, (40,), generator=gen),
     )
-    roomy = Engine(model, images[:1], device="cpu").run_many(images, groups)
+    roomy_engine = Engine(model, images[:1], device="cpu")
+    roomy = roomy_engine.run_many(roomy_engine.golden(images), groups)
     tight_engine = Engine(model, images[:1], device="cpu", cache_bytes=50_000, batch_size=7)
-    tight = tight_engine.run_many(images, groups)
+    tight = tight_engine.run_many(tight_engine.golden(images), groups)
     for a, b in zip(roomy, tight, strict=True):
         assert torch.equal(a.faulty_top1, b.faulty_top1) and torch.equal(a.sdc, b.sdc)
         torch.testing.assert_close(a.top2diff, b.top2diff, equal_nan=True, rtol=1e-4, atol=1e-4)
@@ -384,15 +389,17 @@ def test_last_layer_sweep_is_exhaustive_and_matches_the_suffix_path(
     model = build_model("resnet18", head, 10, torch.randn(10, 32)).eval()
     images = torch.randn(6, 3, 32, 32)
     engine = Engine(model, images[:1], device="cpu")
-    assert engine._final_linear(layer) == pytest.approx(scale)
-    assert engine._final_linear("layer4.1.conv2") is None
+    scale_of = lambda name: final_linear_scale(engine.traced, engine.model, name)  # noqa: E731
+    assert scale_of(layer) == pytest.approx(scale)
+    assert scale_of("layer4.1.conv2") is None
     if head == "text":  # the projection is followed by a normalisation: not analytic
-        assert engine._final_linear("fc.projection") is None
-    parts = list(engine.sweep_layer(images, layer, "fp32", weights_per_chunk=1024))
+        assert scale_of("fc.projection") is None
+    cache = engine.golden(images)
+    parts = list(engine.sweep_layer(cache, layer, "fp32", weights_per_chunk=1024))
     assert sum(len(group) for group, _ in parts) == 10 * in_features * 32 * 6
     group, analytic = parts[min(2, len(parts) - 1)]
     assert set(group.bit.tolist()) == set(range(32)) and set(group.image.tolist()) == set(range(6))
-    generic = engine.run(images, group)
+    generic = engine.run(cache, group)
     assert torch.equal(analytic.faulty_top1, generic.faulty_top1)
     assert torch.equal(analytic.sdc, generic.sdc)
     finite = ~generic.non_finite
@@ -415,8 +422,8 @@ def test_outcomes_are_consistent():
         torch.full((64,), 30),
         torch.arange(64) % 8,
     )
-    out = engine.run(images, group)
-    golden = engine.golden(images).argmax(dim=1)
+    out = engine.run(engine.golden(images), group)
+    golden = engine.logits(images).argmax(dim=1)
     assert torch.equal(out.golden_top1, golden[group.image])
     assert torch.equal(out.sdc, out.non_finite | (out.faulty_top1 != out.golden_top1))
     assert isinstance(out, Outcomes) and len(out.sdc) == 64
@@ -427,11 +434,11 @@ def test_invalid_trials_are_refused():
     images = torch.randn(2, 3, 32, 32)
     engine = Engine(model, images[:1], device="cpu")
     with pytest.raises(ConfigError, match="no injectable layer"):
-        engine.run(images, _single("neuron", "layer9", 0, 0, 0))
+        engine.run(engine.golden(images), _single("neuron", "layer9", 0, 0, 0))
     with pytest.raises(ConfigError, match="index outside"):
-        engine.run(images, _single("weight", "fc", 5120, 0, 0))
+        engine.run(engine.golden(images), _single("weight", "fc", 5120, 0, 0))
     with pytest.raises(ConfigError, match="image indices"):
-        engine.run(images, _single("neuron", "fc", 0, 0, 2))
+        engine.run(engine.golden(images), _single("neuron", "fc", 0, 0, 2))
     with pytest.raises(ConfigError, match=r"0\.\.15"):
         _single("neuron", "fc", 0, 16, 0, fmt="bf16")
     with pytest.raises(ConfigError, match="one entry per trial"):
@@ -440,24 +447,65 @@ def test_invalid_trials_are_refused():
         )
 
 
-def test_warm_keeps_the_golden_values_between_calls(monkeypatch):
+def test_a_golden_cache_keeps_the_values_between_runs(monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     images = torch.randn(8, 3, 32, 32)
     groups = [_single("neuron", "layer2.0.conv1", 77, 30, 3), _single("weight", "fc", 99, 30, 5)]
-    cold = Engine(model, images[:1], device="cpu").run_many(images, groups)
-    warm = Engine(model, images[:1], device="cpu")
-    assert warm.warm(images, ["layer2.0.conv1", "fc"], ["weight", "neuron"])
+    cold_engine = Engine(model, images[:1], device="cpu")
+    cold = cold_engine.run_many(cold_engine.golden(images), groups)
+    engine = Engine(model, images[:1], device="cpu")
+    cache = engine.golden(images, ["layer2.0.conv1", "fc"], ["weight", "neuron"])
+    assert cache.values
     passes = []
-    original = warm._golden_module
+    original = engine.traced.golden_module
     monkeypatch.setattr(
-        warm, "_golden_module", lambda nodes: passes.append(nodes) or original(nodes)
+        engine.traced, "golden_module", lambda nodes: passes.append(nodes) or original(nodes)
     )
-    outcomes = warm.run_many(images, groups)
+    outcomes = engine.run_many(cache, groups)
     assert passes == []  # no golden pass ran: the resident values served both groups
     for a, b in zip(cold, outcomes, strict=True):
         assert torch.equal(a.faulty_top1, b.faulty_top1) and torch.equal(a.sdc, b.sdc)
-    assert len(warm.run_many(images[:4], groups[:1])[0].sdc) == 1  # other images: a fresh pass
+    other = engine.golden(images[:4])  # other images, no layers named: a pass per run
+    assert len(engine.run_many(other, groups[:1])[0].sdc) == 1
     assert passes
     tight = Engine(model, images[:1], device="cpu", cache_bytes=1000)
-    assert not tight.warm(images, ["layer2.0.conv1"], ["neuron"])  # too big: per call instead
+    assert not tight.golden(images, ["layer2.0.conv1"], ["neuron"]).values  # too big
+
+
+def test_each_cache_profiles_its_own_images():
+    """int8 scales and clamp bounds come from the cache's images, never from another set's."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    quiet, loud = torch.randn(4, 3, 32, 32), 50 * torch.randn(4, 3, 32, 32)
+    engine = Engine(model, quiet[:1], device="cpu", clamp=True)
+    first = engine.golden(quiet)
+    peak_quiet = engine.profile(first, ["layer1.0.conv1"])["layer1.0.conv1"]
+    second = engine.golden(loud)
+    peak_loud = engine.profile(second, ["layer1.0.conv1"])["layer1.0.conv1"]
+    assert peak_loud > 10 * peak_quiet
+    # Bits 29 and 30 of 100 elements: some flips leave every bound far behind, so the largest
+    # clamped value is the cache's own bound.
+    group = TrialGroup(
+        "neuron",
+        "layer1.0.conv1",
+        "fp32",
+        torch.arange(200) % 100,
+        29 + torch.arange(200) // 100,
+        torch.zeros(200, dtype=torch.long),
+    )
+    for cache, peak in ((first, peak_quiet), (second, peak_loud)):
+        after = engine.run(cache, group).value_after.abs()
+        assert float(after.max()) == pytest.approx(peak)
+
+
+def test_the_callers_model_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 3, 32, 32)
+    engine = Engine(model, images[:1], device="cpu")
+    engine.run(engine.golden(images), _single("weight", "layer1.0.conv1", 3, 30, 0))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert engine.model is not model and not engine.model.training

@@ -1,0 +1,231 @@
+"""The batched trial engine: exact outcomes of single bit flips, many trials per forward pass.
+
+    engine = Engine(model, images[:2])
+    cache = engine.golden(images, layers, kinds)  # the fault-free pass, held by the caller
+    outcomes = engine.run(cache, group)
+
+The engine owns its own copy of the model (in eval mode, on its device), traced once with
+torch.fx; the caller's model is never moved, switched to eval or edited. It picks, per group,
+the fastest exact evaluator (campaign.faults.evaluators): the suffix after the faulty layer,
+a weight edited in place, or hooks for models fx cannot trace (``Engine.mode`` says which). A
+final Linear needs no forward at all (campaign.faults.analytic, ``sweep_layer``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from bitstorm.errors import ConfigError
+from campaign.faults.analytic import GoldenLogits, final_linear_outcomes, final_linear_scale
+from campaign.faults.bits import format_width
+from campaign.faults.evaluators import Setting, run_suffixes, run_weight_edits, run_with_hooks
+from campaign.faults.golden import GoldenCache
+from campaign.faults.graph import TracedModel, cached_nodes
+from campaign.faults.inject import Injector, weight_delta_applies
+from campaign.faults.sites import activation_peaks, find_sites
+from campaign.faults.trials import KINDS, Outcomes, TrialGroup
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 2 * 2**30
+DEFAULT_BATCH = 256
+
+
+class Engine:
+    """An evaluator bound to one model.
+
+    ``example``: one or more input images (their shape is what matters). ``cache_bytes`` bounds
+    the golden values a cache keeps and a run holds at once; ``batch_size`` is the number of
+    trials per forward; ``clamp`` replaces a flipped activation by its value clamped to the
+    layer's profiled max |activation| over the cache's images (NaN becomes 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: str | torch.device | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        batch_size: int = DEFAULT_BATCH,
+        clamp: bool = False,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = copy.deepcopy(model).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.cache_bytes = cache_bytes
+        self.batch_size = batch_size
+        space = find_sites(self.model, example[:2].to(self.device), types="weighted")
+        self.sites = {site.name: site for site in space}
+        self._setting = Setting(
+            self.model,
+            Injector(self.model, clamp),
+            self.sites,
+            self._peak,
+            self.device,
+            batch_size,
+            cache_bytes,
+        )
+        self.traced: TracedModel | None
+        try:
+            self.traced = TracedModel(self.model, example[:2].to(self.device))
+            self.mode = "suffix"
+        except Exception as error:
+            log.warning(
+                "torch.fx cannot trace %s (%s): falling back to hooks and a full forward "
+                "per trial batch, exact but slower",
+                type(model).__name__,
+                error,
+            )
+            self.traced = None
+            self.mode = "hooks"
+
+    @property
+    def clamp(self) -> bool:
+        return self._setting.injector.clamp
+
+    # ----------------------------------------------------------------------------- public API
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Fault-free logits of ``images``, ``batch_size`` images per forward."""
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self.model(chunk.to(self.device)).float()
+                    for chunk in images.split(self.batch_size)
+                ]
+            )
+
+    def golden(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[str] = (),
+        kinds: Sequence[str] = KINDS,
+    ) -> GoldenCache:
+        """The golden cache of ``images``: their fault-free top-1, and the values the suffixes
+        of ``layers`` need for trials of ``kinds``, kept for every image when they fit in
+        ``cache_bytes`` (otherwise each run recomputes them chunk by chunk)."""
+        unknown = [layer for layer in layers if layer not in self.sites]
+        if unknown:
+            raise ConfigError(f"no injectable layer {unknown[0]!r}; see campaign.faults.sites")
+        cache = GoldenCache(images, self.logits(images).argmax(dim=1))
+        cuts = [
+            self.traced.cut(layer, call)
+            for layer in layers
+            for call in range(self.sites[layer].calls)
+            if self.traced is not None and layer in self.traced.calls
+        ]
+        if not cuts:
+            return cache
+        wanted = cached_nodes((cut, "weight" in kinds) for cut in cuts)
+        per_image = self.traced.bytes_per_image(images[:1].to(self.device), wanted)
+        if per_image * len(images) <= self.cache_bytes:
+            with torch.no_grad():
+                _, *values = self.traced.golden_module(wanted)(images.to(self.device))
+            cache.values.update(zip(wanted, values, strict=True))
+        return cache
+
+    def profile(self, cache: GoldenCache, layers: Sequence[str]) -> dict[str, float]:
+        """max |output| per layer over the cache's images (all calls): int8 neuron scales and
+        clamp bounds. One forward profiles every layer, and the cache keeps the result."""
+        if any(name not in cache.peaks for name in layers):
+            todo = [n for n in dict.fromkeys([*layers, *self.sites]) if n not in cache.peaks]
+            cache.peaks.update(activation_peaks(self.model, cache.images, todo, self.batch_size))
+        return {name: cache.peaks[name] for name in layers}
+
+    def run(self, cache: GoldenCache, group: TrialGroup) -> Outcomes:
+        """Outcomes of every trial in ``group`` (each on its own image of the cache)."""
+        return self.run_many(cache, [group])[0]
+
+    def run_many(self, cache: GoldenCache, groups: Sequence[TrialGroup]) -> list[Outcomes]:
+        """Outcomes per group. One golden pass per image chunk serves every suffix group."""
+        for group in groups:
+            self._validate(cache, group)
+        results: list[Outcomes | None] = [None] * len(groups)
+        suffix_work = []
+        with torch.no_grad():
+            for position, group in enumerate(groups):
+                site = self.sites[group.layer]
+                module = self.model.get_submodule(site.name)
+                if len(group) == 0:
+                    results[position] = Outcomes.empty()
+                elif group.kind == "weight" and not weight_delta_applies(module, site.calls):
+                    results[position] = run_weight_edits(self._setting, cache, group)
+                elif self.traced is None:
+                    results[position] = run_with_hooks(self._setting, cache, group)
+                else:
+                    suffix_work.append((position, group))
+            if suffix_work:
+                for position, outcome in run_suffixes(
+                    self._setting, self.traced, cache, suffix_work
+                ):
+                    results[position] = outcome
+        return results  # type: ignore[return-value]
+
+    def sweep_layer(
+        self,
+        cache: GoldenCache,
+        layer: str,
+        fmt: str,
+        bits: Sequence[int] | None = None,
+        weights_per_chunk: int = 64,
+    ) -> Iterator[tuple[TrialGroup, Outcomes]]:
+        """Every weight x bit x image of ``layer``, exhaustively, in chunks of weights.
+
+        Where the layer is a Linear whose output is the model's output, as is or times a constant
+        (a plain final classifier, or a text head's class Linear and its logit scale), no forward
+        runs at all (campaign.faults.analytic). Other layers go through ``run``.
+        """
+        site = self.sites[layer]
+        bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
+        n_images = len(cache)
+        scale = None if self.traced is None else final_linear_scale(self.traced, self.model, layer)
+        if scale is not None:
+            node = self.traced.calls[layer][0]
+            with torch.no_grad():
+                output, layer_input = self.traced.golden_module((node.args[0],))(
+                    cache.images.to(self.device)
+                )
+            golden = GoldenLogits(output.float(), layer_input.reshape(n_images, -1), scale)
+            weight = self.model.get_submodule(layer).weight.detach()
+        for start in range(0, site.weight_elements, weights_per_chunk):
+            weights = torch.arange(start, min(start + weights_per_chunk, site.weight_elements))
+            per_weight = len(bit_list) * n_images
+            group = TrialGroup(
+                "weight",
+                layer,
+                fmt,
+                weights.repeat_interleave(per_weight),
+                bit_list.repeat_interleave(n_images).repeat(len(weights)),
+                torch.arange(n_images).repeat(len(weights) * len(bit_list)),
+            )
+            if scale is not None:
+                yield group, final_linear_outcomes(weight, group, golden, len(bit_list))
+            else:
+                yield group, self.run(cache, group)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _peak(self, cache: GoldenCache, group: TrialGroup) -> float | None:
+        if not self._setting.injector.needs_peak(group):
+            return None
+        return self.profile(cache, [group.layer])[group.layer]
+
+    def _validate(self, cache: GoldenCache, group: TrialGroup) -> None:
+        if group.layer not in self.sites:
+            raise ConfigError(f"no injectable layer {group.layer!r}; see campaign.faults.sites")
+        site = self.sites[group.layer]
+        if group.kind == "neuron" and not site.output_shapes:
+            raise ConfigError(f"{group.layer} has no neuron sites: {site.neuron_note}")
+        if len(group) == 0:
+            return
+        if group.image.min() < 0 or group.image.max() >= len(cache):
+            raise ConfigError(f"trial image indices must lie in 0..{len(cache) - 1}")
+        limit = site.weight_elements if group.kind == "weight" else site.neuron_elements
+        if group.index.min() < 0 or group.index.max() >= limit:
+            raise ConfigError(f"{group.kind} index outside the {limit:,} sites of {site.name}")

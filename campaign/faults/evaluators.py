@@ -1,0 +1,184 @@
+"""The three ways the engine evaluates a group of trials, fastest first; all exact.
+
+- suffix: the fault changes the cached output of its layer (a flipped element, or a weight's
+  delta), then only the suffix after the layer runs, many trials per forward;
+- weight edits: a weight the delta rule does not cover (other layer types, modules run several
+  times or never) is edited in place for one full forward over its trials' images;
+- hooks: for a model torch.fx cannot trace, a forward hook changes the layer's output, one full
+  forward per trial batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bitstorm.errors import ConfigError
+from campaign.faults.golden import GoldenCache
+from campaign.faults.graph import Cut, TracedModel, cached_nodes
+from campaign.faults.inject import Injector
+from campaign.faults.sites import LayerSite
+from campaign.faults.trials import Outcomes, TrialGroup, outcomes_of
+
+# The layer's profiled max |output| over a cache's images, where a group's faults need it.
+PeakOf = Callable[[GoldenCache, TrialGroup], float | None]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every evaluator needs of its engine."""
+
+    model: nn.Module
+    injector: Injector
+    sites: dict[str, LayerSite]
+    peak: PeakOf
+    device: torch.device
+    batch_size: int
+    cache_bytes: int
+
+
+def run_suffixes(
+    setting: Setting,
+    traced: TracedModel,
+    cache: GoldenCache,
+    work: list[tuple[int, TrialGroup]],
+) -> list[tuple[int, Outcomes]]:
+    """All suffix-path groups (position, group): image chunk by image chunk (the golden values
+    from the cache where resident, else one golden pass per chunk within ``cache_bytes``), then
+    trial batch by trial batch."""
+    plans = []  # (position, trial positions in group, sub-group, cut)
+    for position, group in work:
+        calls, offsets = _neuron_calls(setting.sites[group.layer], group)
+        for call in calls.unique().tolist():
+            chosen = (calls == call).nonzero().flatten()
+            sub = group.subset(chosen, index_offset=offsets[chosen])
+            plans.append((position, chosen, sub, traced.cut(group.layer, call)))
+    wanted = cached_nodes((cut, sub.kind == "weight") for _, _, sub, cut in plans)
+    images = cache.images
+    if cache.holds(wanted):
+        chunk = len(images)
+    else:
+        per_image = traced.bytes_per_image(images[:1].to(setting.device), wanted)
+        chunk = max(1, min(len(images), setting.cache_bytes // per_image))
+    peaks = {position: setting.peak(cache, group) for position, group in work}
+    parts: dict[int, list[tuple[torch.Tensor, Outcomes]]] = defaultdict(list)
+    for start in range(0, len(images), chunk):
+        if cache.holds(wanted):
+            values = cache.values
+        else:
+            _, *computed = traced.golden_module(wanted)(
+                images[start : start + chunk].to(setting.device)
+            )
+            values = dict(zip(wanted, computed, strict=True))
+        top1 = cache.top1[start : start + chunk]
+        for position, chosen, sub, cut in plans:
+            in_chunk = ((sub.image >= start) & (sub.image < start + chunk)).nonzero().flatten()
+            if len(in_chunk) == 0:
+                continue
+            for part in in_chunk.split(setting.batch_size):
+                batch = sub.subset(part, image_offset=start)
+                outcome = _evaluate(setting, batch, cut, values, top1, peaks[position])
+                parts[position].append((chosen[part], outcome))
+    results = []
+    for position, pieces in parts.items():
+        order = torch.cat([p[0] for p in pieces])
+        results.append(
+            (position, Outcomes.cat([p[1] for p in pieces]).select(torch.argsort(order)))
+        )
+    return results
+
+
+def _evaluate(
+    setting: Setting,
+    group: TrialGroup,
+    cut: Cut,
+    values: dict[fx.Node, torch.Tensor],
+    golden_top1: torch.Tensor,
+    peak: float | None,
+) -> Outcomes:
+    image = group.image.to(setting.device)
+    layer_out = values[cut.node].index_select(0, image)
+    layer_input = (
+        values[cut.node.args[0]].index_select(0, image) if group.kind == "weight" else None
+    )
+    before, after = setting.injector.apply(group, layer_out, layer_input, peak)
+    externals = [values[node].index_select(0, image) for node in cut.externals]
+    logits = cut.suffix(layer_out, *externals).float()
+    return outcomes_of(logits, golden_top1[image], before, after)
+
+
+def _neuron_calls(site: LayerSite, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which call of the module each trial hits, and that call's first flat index."""
+    if group.kind == "weight" or site.calls == 1:
+        return torch.zeros_like(group.index), torch.zeros_like(group.index)
+    sizes = torch.tensor([math.prod(s) for s in site.output_shapes])
+    starts = torch.cumsum(sizes, 0) - sizes
+    calls = torch.bucketize(group.index, torch.cumsum(sizes, 0), right=True)
+    return calls, starts[calls]
+
+
+def run_with_hooks(setting: Setting, cache: GoldenCache, group: TrialGroup) -> Outcomes:
+    """Full forward per trial batch; a hook changes the layer's output per batch element."""
+    site = setting.sites[group.layer]
+    module = setting.model.get_submodule(site.name)
+    if site.calls != 1:
+        raise ConfigError(
+            f"{site.name} runs {site.calls} times per forward; a model that "
+            "torch.fx cannot trace supports faults only in layers run once"
+        )
+    peak = setting.peak(cache, group)
+    results = []
+    for part in torch.arange(len(group)).split(setting.batch_size):
+        sub = group.subset(part)
+        captured: dict[str, torch.Tensor] = {}
+
+        def modify(_module, inputs, output, sub=sub, captured=captured):
+            captured["before"], captured["after"] = setting.injector.apply(
+                sub, output, inputs[0], peak
+            )
+            return output
+
+        handle = module.register_forward_hook(modify)
+        try:
+            logits = setting.model(cache.images[sub.image].to(setting.device)).float()
+        finally:
+            handle.remove()
+        image = sub.image.to(setting.device)
+        results.append(
+            outcomes_of(logits, cache.top1[image], captured["before"], captured["after"])
+        )
+    return Outcomes.cat(results)
+
+
+def run_weight_edits(setting: Setting, cache: GoldenCache, group: TrialGroup) -> Outcomes:
+    """The weight edited in place for one forward over the images of each distinct fault."""
+    weight = setting.model.get_submodule(group.layer).weight
+    before, after = setting.injector.weight_values(group)
+    faults = torch.stack([group.index, group.bit], dim=1)
+    distinct, which = torch.unique(faults, dim=0, return_inverse=True)
+    results, order = [], []
+    flat = weight.data.view(-1)
+    for fault in range(len(distinct)):
+        chosen = (which == fault).nonzero().flatten()
+        element = int(distinct[fault, 0])
+        original = flat[element].clone()
+        flat[element] = after[chosen[0]]
+        try:
+            logits = torch.cat(
+                [
+                    setting.model(cache.images[part].to(setting.device)).float()
+                    for part in group.image[chosen].split(setting.batch_size)
+                ]
+            )
+        finally:
+            flat[element] = original
+        image = group.image[chosen].to(setting.device)
+        results.append(outcomes_of(logits, cache.top1[image], before[chosen], after[chosen]))
+        order.append(chosen)
+    return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))

@@ -1,0 +1,201 @@
+"""Graph surgery with torch.fx: cut a traced model after a faulty layer's call, keep only what
+depends on it (the *suffix*), fold eval BatchNorms into the convolutions of that suffix, and
+build the golden modules that return the values a set of suffixes needs.
+
+Why a suffix: a fault in layer L leaves everything before L unchanged, so only the part after
+L must run again (docs/design.md, "Engine"). Values from before the cut that the suffix needs
+(residual branches, and the input image itself where a later reshape is sized from its shape)
+are *externals*: cached per image and selected per trial.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A faulty layer's place in the graph: the call node, its suffix and what it needs."""
+
+    node: fx.Node
+    suffix: fx.GraphModule
+    externals: tuple[fx.Node, ...]  # batch-valued values from before the cut, in suffix order
+
+
+class TracedModel:
+    """A model traced once, with the cuts and golden modules made from it so far (each made
+    once: a campaign asks for the same cut shard after shard)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.module = fx.symbolic_trace(model)
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in self.module.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target].append(node)
+        # Only the image input carries a batch; other inputs (timm's attn_mask=None...) are
+        # constants at their defaults.
+        self.image = next(n for n in self.module.graph.nodes if n.op == "placeholder")
+        self.input_dependent = reachable_from([self.image])
+        with torch.no_grad():  # records which nodes produce tensors
+            ShapeProp(self.module).propagate(example)
+        self._cuts: dict[tuple[str, int], Cut] = {}
+        self._folded: dict[tuple[str, str], nn.Conv2d] = {}  # shared by every suffix
+        self._golden: dict[tuple[fx.Node, ...], fx.GraphModule] = {}
+        self._bytes_per_image: dict[tuple[fx.Node, ...], int] = {}
+
+    def cut(self, layer: str, call: int) -> Cut:
+        """The suffix after call ``call`` of module ``layer``."""
+        key = (layer, call)
+        if key not in self._cuts:
+            node = self.calls[layer][call]
+            suffix, externals = suffix_module(self.module, node, self.input_dependent)
+            self._cuts[key] = Cut(node, fold_batchnorm(suffix, self._folded), externals)
+        return self._cuts[key]
+
+    def golden_module(self, nodes: tuple[fx.Node, ...]) -> fx.GraphModule:
+        """The model returning ``(logits, *values of nodes)``."""
+        if nodes not in self._golden:
+            self._golden[nodes] = golden_module(self.module, nodes)
+        return self._golden[nodes]
+
+    def bytes_per_image(self, example: torch.Tensor, nodes: tuple[fx.Node, ...]) -> int:
+        """Bytes the values of ``nodes`` take for one image (measured on ``example[:1]``)."""
+        if nodes not in self._bytes_per_image:
+            _, *values = self.golden_module(nodes)(example[:1])
+            self._bytes_per_image[nodes] = max(1, sum(v.element_size() * v.numel() for v in values))
+        return self._bytes_per_image[nodes]
+
+
+def reachable_from(starts: Sequence[fx.Node]) -> set[fx.Node]:
+    """Every node that depends on one of ``starts`` (the starts included)."""
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
+def suffix_module(
+    gm: fx.GraphModule, cut: fx.Node, input_dependent: set[fx.Node]
+) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:
+    """A GraphModule computing the logits from ``cut``'s value and the *externals*: tensors from
+    before the cut, with a batch dimension, that the nodes depending on ``cut`` use (cached per
+    image). Constants (parameters, expressions of them) and non-tensor values from before the
+    cut (``x.shape[0]`` and friends, which must follow the trial batch) are recomputed inside;
+    where such a value is computed from the image input itself (ViT's ``n, c, h, w = x.shape``),
+    the image becomes an external."""
+    dependent = reachable_from([cut])
+    copied: set[fx.Node] = {n for n in dependent if n is not cut}
+    externals: set[fx.Node] = set()
+    stack = [arg for n in copied for arg in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node is cut or node in copied or node in externals:
+            continue
+        if node.op == "placeholder":
+            if node in input_dependent:  # the image input, needed by a recomputed value
+                externals.add(node)
+        elif node in input_dependent and _is_tensor(node):
+            externals.add(node)
+        else:
+            copied.add(node)
+            stack.extend(node.all_input_nodes)
+    ordered_externals = tuple(n for n in gm.graph.nodes if n in externals)
+    graph = fx.Graph()
+    env: dict[fx.Node, object] = {cut: graph.placeholder("cut")}
+    for i, node in enumerate(ordered_externals):
+        env[node] = graph.placeholder(f"external_{i}")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node not in env:  # optional inputs: their defaults
+            env[node] = node.args[0] if node.args else None
+        elif node in copied:
+            if node.op == "output":
+                graph.output(fx.map_arg(node.args[0], env.__getitem__))
+            else:
+                env[node] = graph.node_copy(node, env.__getitem__)
+    graph.lint()
+    return fx.GraphModule(gm, graph), ordered_externals
+
+
+def fold_batchnorm(
+    suffix: fx.GraphModule, folded: dict[tuple[str, str], nn.Conv2d]
+) -> fx.GraphModule:
+    """Fold each eval-mode BatchNorm2d into the Conv2d before it, inside the suffix only.
+
+    The cut value itself (a placeholder) is never folded into, so fault sites stay where they
+    are; folded weights change results only by rounding. New modules are added to the suffix;
+    the model's own modules are not touched. ``folded`` shares each folded conv between suffixes.
+    """
+    modules = dict(suffix.named_modules())
+    for node in list(suffix.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        conv_node = node.args[0]
+        if (
+            not isinstance(conv_node, fx.Node)
+            or conv_node.op != "call_module"
+            or not isinstance(modules.get(conv_node.target), nn.Conv2d)
+            or len(conv_node.users) != 1
+            or len(node.args) != 1
+            or node.kwargs
+        ):
+            continue
+        batchnorm = modules[node.target]
+        if not batchnorm.track_running_stats or batchnorm.training:
+            continue
+        key = (conv_node.target, node.target)
+        if key not in folded:
+            folded[key] = fuse_conv_bn_eval(modules[conv_node.target], batchnorm)
+        name = "folded_" + conv_node.target.replace(".", "_")
+        suffix.add_submodule(name, folded[key])
+        conv_node.target = name
+        node.replace_all_uses_with(conv_node)
+        suffix.graph.erase_node(node)
+    suffix.recompile()
+    return suffix
+
+
+def cached_nodes(cuts: Iterable[tuple[Cut, bool]]) -> tuple[fx.Node, ...]:
+    """The golden values the suffixes of ``cuts`` need, each once: the cut layer's output, the
+    values crossing the cut, and for weight faults (the flag) the layer's input."""
+    return tuple(
+        dict.fromkeys(
+            node
+            for cut, weight in cuts
+            for node in (cut.node, *cut.externals, *((cut.node.args[0],) if weight else ()))
+        )
+    )
+
+
+def golden_module(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
+    """``gm`` returning ``(logits, *values of nodes)``. Each value is copied the moment it is
+    computed: a later in-place op (VGG's ``ReLU(inplace=True)`` right after a Linear) would
+    otherwise change the cached value behind the cache's back."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    captured: dict[fx.Node, fx.Node] = {}
+    wanted = set(nodes)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outputs = [captured[n] for n in nodes]
+            graph.output((fx.map_arg(node.args[0], env.__getitem__), *outputs))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            if node in wanted:
+                captured[node] = graph.call_method("clone", (env[node],))
+    return fx.GraphModule(gm, graph)
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("tensor_meta"), TensorMetadata)

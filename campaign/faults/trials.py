@@ -1,0 +1,117 @@
+"""What a trial is and what it yields: the fault kinds, a group of trials that share kind, layer
+and number format, and their outcomes (docs/design.md, "Fault semantics").
+
+Every evaluator of the engine, the analytic last layer and the shard worker speak these types,
+so an outcome means the same thing whichever path computed it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from bitstorm.errors import ConfigError
+from bitstorm.metrics import top2diff
+from campaign.faults.bits import format_width
+
+# A weight fault flips one bit of one weight for one inference; a neuron fault flips one bit of
+# one element of a layer's output for one image.
+KINDS = ("weight", "neuron")
+
+
+@dataclass(frozen=True)
+class TrialGroup:
+    """Trials that share kind, layer and number format; one entry per trial in each tensor.
+
+    ``index`` is the flat index into the weight tensor (weight) or into one image's layer output
+    (neuron; over all calls of a reused module, in call order); ``image`` indexes the images.
+    """
+
+    kind: str
+    layer: str
+    fmt: str
+    index: torch.Tensor
+    bit: torch.Tensor
+    image: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"trial kind {self.kind!r}: pass {' or '.join(map(repr, KINDS))}")
+        sizes = {len(self.index), len(self.bit), len(self.image)}
+        if len(sizes) != 1:
+            raise ConfigError(f"index, bit and image need one entry per trial; got {sizes}")
+        width = format_width(self.fmt)
+        if len(self.bit) and (int(self.bit.min()) < 0 or int(self.bit.max()) >= width):
+            raise ConfigError(f"bits must lie in 0..{width - 1} for {self.fmt}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(
+        self,
+        positions: torch.Tensor,
+        *,
+        index_offset: torch.Tensor | int = 0,
+        image_offset: int = 0,
+    ) -> TrialGroup:
+        """The trials at ``positions``, with indices and images shifted down by the offsets."""
+        return TrialGroup(
+            self.kind,
+            self.layer,
+            self.fmt,
+            self.index[positions] - index_offset,
+            self.bit[positions],
+            self.image[positions] - image_offset,
+        )
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per trial, in the order of the trials given. ``value_before`` is the faulty value as the
+    number format stores it, ``value_after`` the value the model computed with."""
+
+    faulty_top1: torch.Tensor  # int64; -1 where a logit is NaN
+    golden_top1: torch.Tensor
+    sdc: torch.Tensor
+    non_finite: torch.Tensor
+    top2diff: torch.Tensor  # percent; NaN where non_finite
+    value_before: torch.Tensor
+    value_after: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[Outcomes]) -> Outcomes:
+        return Outcomes(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Outcomes)}
+        )
+
+    @staticmethod
+    def empty() -> Outcomes:
+        long, boolean, real = (
+            torch.empty(0, dtype=t) for t in (torch.long, torch.bool, torch.float32)
+        )
+        return Outcomes(long, long, boolean, boolean, real, real, real)
+
+    def select(self, order: torch.Tensor) -> Outcomes:
+        return Outcomes(**{f.name: getattr(self, f.name)[order] for f in fields(Outcomes)})
+
+
+def outcomes_of(
+    logits: torch.Tensor, golden_top1: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+) -> Outcomes:
+    """Outcomes of faulty ``logits`` (one row per trial): any non-finite logit is an SDC, and a
+    NaN logit leaves no top-1 (-1)."""
+    non_finite = ~torch.isfinite(logits).all(dim=1)
+    has_nan = logits.isnan().any(dim=1)
+    faulty = torch.where(has_nan, -1, logits.nan_to_num(nan=-math.inf).argmax(dim=1))
+    return Outcomes(
+        faulty_top1=faulty.cpu(),
+        golden_top1=golden_top1.cpu(),
+        sdc=(non_finite | (faulty != golden_top1)).cpu(),
+        non_finite=non_finite.cpu(),
+        top2diff=top2diff(logits).cpu(),
+        value_before=before.float().cpu(),
+        value_after=after.float().cpu(),
+    )
