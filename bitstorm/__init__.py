@@ -1,7 +1,9 @@
-"""Shared pieces of the bitstorm distribution: its version and the user-facing error types.
+"""Shared pieces of the bitstorm distribution.
 
 The product lives in the top-level packages ``campaign``, ``trainers`` and ``embeddings``; this
-package holds only what all three must agree on.
+package holds what they share: the version, the user-facing error types (:mod:`bitstorm.errors`),
+typed config loading (:mod:`bitstorm.config`), atomic file writes (:mod:`bitstorm.atomic`) and
+the classification metrics, Top2Diff and top-k (:mod:`bitstorm.metrics`).
 """
 
 from importlib.metadata import PackageNotFoundError, version

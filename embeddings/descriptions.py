@@ -15,15 +15,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bitstorm.errors import ConfigError, DataError
 from embeddings.classes import display_name
-
-if TYPE_CHECKING:  # embeddings.llm imports this module
-    from embeddings.llm import LLMConfig
-
-Descriptions = dict[str, list[str]]
+from embeddings.description_types import Descriptions
+from embeddings.llm import CUPL_QUESTIONS, LLMConfig, llm_descriptions
 
 SHIPPED_DESCRIPTIONS = ("digits", "cifar10")
 
@@ -59,8 +55,6 @@ def load_descriptions(
     if source == "templates":
         return template_descriptions(class_names)
     if source == "llm":
-        from embeddings.llm import CUPL_QUESTIONS, LLMConfig, llm_descriptions
-
         config = llm_config if llm_config is not None else LLMConfig.from_env()
         return llm_descriptions(
             class_names, config, CUPL_QUESTIONS if questions is None else questions

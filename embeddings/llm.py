@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bitstorm.atomic import write_json_atomic
 from bitstorm.errors import ConfigError, DataError
 from embeddings.classes import display_name
-from embeddings.descriptions import Descriptions
+from embeddings.description_types import Descriptions
 
 # The question templates of CuPL (Pratt et al., ICCV 2023) for generic object classes.
 CUPL_QUESTIONS = (

@@ -215,8 +215,9 @@ def _validate(embeddings: torch.Tensor, num_classes: int, origin: str) -> None:
         raise DataError(f"{origin}: embeddings hold NaN or Inf")
     norms = embeddings.norm(dim=1)
     off = (norms - 1).abs()
-    if bool((off > NORM_TOLERANCE).any()):
-        row = int(off.argmax())
+    bad = (off > NORM_TOLERANCE).nonzero().flatten()
+    if len(bad):
+        row = int(bad[0])  # the first bad row: a user fixes files top down
         raise DataError(
             f"{origin}: rows must have unit L2 norm; row {row} has norm {float(norms[row]):.4f}"
         )

@@ -1,11 +1,13 @@
 """Checkpoints: everything needed to rebuild a trained model, and nothing that needs unpickling.
 
 A checkpoint is a folder: ``checkpoint.json`` (format, the full ``TrainConfig``, class names,
-embedding geometry and file hash, epoch, the metrics of every epoch so far, and the sha256 of the
-weights), ``model.safetensors``
-(the weights) and ``train_state.pt`` (optimiser and schedule, for resuming; read with
-``weights_only=True``). ``load_checkpoint`` is the one loader every later stage uses; it and
-resuming read the weights through ``load_weights``, which checks their sha256.
+embedding geometry, epoch, the metrics of every epoch so far, and sha256 hashes: of the weights,
+of the class-embedding file a text head was trained with, ``embeddings_file_sha256``, and of that
+file's descriptions, ``descriptions_sha256``), ``model.safetensors`` (the weights) and
+``train_state.pt`` (optimiser and schedule, for resuming; read with ``weights_only=True``).
+``load_checkpoint`` is the one loader every later stage uses; it and resuming read the weights
+through ``load_weights``, which checks their sha256. ``verify_embeddings`` loads an embedding
+file for a checkpoint only if it is the one the checkpoint was trained with.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bitstorm import __version__
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.config import from_dict, to_dict
 from bitstorm.errors import BitstormError, DataError
+from embeddings.store import ClassEmbeddings, load_embeddings
 from trainers.config import TrainConfig
 from trainers.heads import TextHead, head_kind
 from trainers.models import build_model
@@ -42,11 +45,17 @@ def save_checkpoint(
     class_names: tuple[str, ...],
     epoch: int,
     history: list[dict[str, float]],
-    embeddings_sha256: str | None = None,
+    descriptions_sha256: str | None = None,
+    embeddings_file_sha256: str | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder; the manifest goes last, so a complete manifest means a complete
-    checkpoint."""
+    checkpoint.
+
+    A head trained from a class-embedding file records the file's sha256
+    (``embeddings_file_sha256``, see ``file_sha256``) and its ``description_hash``
+    (``descriptions_sha256``); both stay None for heads trained without one.
+    """
     folder = Path(folder)
     weights = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -64,7 +73,8 @@ def save_checkpoint(
             "config": to_dict(config),
             "class_names": list(class_names),
             "embedding_dim": head.classes.in_features if head is not None else None,
-            "embeddings_sha256": embeddings_sha256,
+            "descriptions_sha256": descriptions_sha256,
+            "embeddings_file_sha256": embeddings_file_sha256,
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "epoch": epoch,
             "metrics": history[-1] if history else {},
@@ -76,6 +86,9 @@ def save_checkpoint(
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest, in the current vocabulary whatever version wrote it: manifests
+    from before the rename have their ``embeddings_sha256`` (always the descriptions' hash) as
+    ``descriptions_sha256``, and an unknown (None) ``embeddings_file_sha256``."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -85,7 +98,66 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: corrupt manifest ({error})") from None
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
+    return _upgrade(manifest)
+
+
+def _upgrade(manifest: dict[str, Any]) -> dict[str, Any]:
+    if "embeddings_sha256" in manifest and "descriptions_sha256" not in manifest:
+        manifest["descriptions_sha256"] = manifest.pop("embeddings_sha256")
+    manifest.setdefault("descriptions_sha256", None)
+    manifest.setdefault("embeddings_file_sha256", None)
     return manifest
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (what ``embeddings_file_sha256`` records)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def verify_embeddings(manifest: dict[str, Any], path: str | Path) -> ClassEmbeddings:
+    """Load the class-embedding file ``path`` for the checkpoint whose manifest (from
+    ``read_manifest``) is ``manifest``, refusing, with a ``DataError``, any file but the one the
+    checkpoint was trained with.
+
+    The file's sha256 must be the manifest's ``embeddings_file_sha256``, so a file with the same
+    descriptions but other vectors (another text encoder, or a rebuild) is refused too. Manifests
+    written before that hash was recorded only know the descriptions: for them the file's
+    ``description_hash`` must be ``descriptions_sha256``, which cannot tell encoders apart.
+    """
+    path = Path(path)
+    manifest = _upgrade(dict(manifest))
+    embeddings = load_embeddings(path, manifest["class_names"])
+    want_file = manifest["embeddings_file_sha256"]
+    want_descriptions = manifest["descriptions_sha256"]
+    if want_file is None and want_descriptions is None:
+        head = manifest.get("config", {}).get("head")
+        raise DataError(
+            f"{path}: not the embedding file this checkpoint was trained with: it was trained "
+            f"without one (its {head!r} head records none), so leave it out"
+        )
+    same_descriptions = embeddings.description_hash == want_descriptions
+    if want_file is not None:
+        have_file = file_sha256(path)
+        if have_file != want_file:
+            why = (
+                "it encodes the same descriptions, so it was built with another text encoder "
+                f"(this one: {embeddings.encoder}) or rebuilt"
+                if same_descriptions
+                else "it encodes other descriptions"
+            )
+            raise DataError(
+                f"{path}: not the embedding file this checkpoint was trained with: its sha256 "
+                f"is {have_file[:12]}..., the checkpoint's file had {want_file[:12]}...; {why}. "
+                "Pass the file the model was trained with"
+            )
+    elif not same_descriptions:
+        raise DataError(
+            f"{path}: not the embedding file this checkpoint was trained with: it encodes other "
+            f"descriptions (description hash {embeddings.description_hash[:12]}..., the "
+            f"checkpoint's {want_descriptions[:12]}...). Pass the file the model was trained with"
+        )
+    return embeddings
 
 
 def load_checkpoint(folder: str | Path) -> tuple[nn.Module, TrainConfig]:

@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from bitstorm.config import from_dict
 from bitstorm.metrics import top2diff, topk_correct
 from embeddings.store import load_embeddings
-from trainers.checkpoint import load_train_state, load_weights, read_manifest, save_checkpoint
+from trainers.checkpoint import (
+    file_sha256,
+    load_train_state,
+    load_weights,
+    read_manifest,
+    save_checkpoint,
+)
 from trainers.config import TrainConfig
 from trainers.data import build_data
 from trainers.heads import head_kind
@@ -121,10 +127,13 @@ def run_training(cfg: TrainConfig, session: Session) -> None:
         seed=cfg.seed,
         synthetic_size=cfg.synthetic_size,
     )
-    class_rows, embeddings_sha256 = None, None
+    class_rows, descriptions_sha256, embeddings_file_sha256 = None, None, None
     if head_kind(cfg.head).needs_embeddings:
+        # cfg.embeddings is a file path by now: trainers.driver.resolve_embeddings names the
+        # given file, or the one it built, before the workers start.
         loaded = load_embeddings(cfg.embeddings, data.class_names)
-        class_rows, embeddings_sha256 = loaded.embeddings, loaded.description_hash
+        class_rows, descriptions_sha256 = loaded.embeddings, loaded.description_hash
+        embeddings_file_sha256 = file_sha256(cfg.embeddings)
     model = build_model(
         cfg.backbone,
         cfg.head,
@@ -182,7 +191,8 @@ def run_training(cfg: TrainConfig, session: Session) -> None:
                     class_names=data.class_names,
                     epoch=epoch + 1,
                     history=history,
-                    embeddings_sha256=embeddings_sha256,
+                    descriptions_sha256=descriptions_sha256,
+                    embeddings_file_sha256=embeddings_file_sha256,
                     train_state={
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_train_config(args.config, args.overrides)
-        from trainers.run import fit
+        from trainers.driver import fit
 
         result = fit(cfg)
     except BitstormError as error:

@@ -65,7 +65,7 @@ def load_sweep(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def variant_configs(sweep: SweepConfig) -> dict[str, TrainConfig]:
     """One validated ``TrainConfig`` per variant, with class embeddings resolved on the driver."""
-    from trainers.run import resolve_embeddings
+    from trainers.driver import resolve_embeddings
 
     base = load_train_config(sweep.base, [])
     base_dict = {**to_dict(base), **sweep.overrides, "output": sweep.output}
@@ -92,7 +92,7 @@ def _trial(config: dict[str, Any], configs: dict[str, dict[str, Any]], mode: str
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers import run as driver
+    from trainers import driver
 
     trial_id = tune.get_context().get_trial_id()
     cfg = dataclasses.replace(cfg, name=f"train-trial_id={trial_id}")

@@ -42,7 +42,8 @@ def _save(tmp_path, head="linear", backbone="tiny_cnn", rows=None):
         class_names=tuple("abcdefghij"),
         epoch=1,
         history=HISTORY,
-        embeddings_sha256="f" * 64,
+        descriptions_sha256="d" * 64 if rows is not None else None,
+        embeddings_file_sha256="f" * 64 if rows is not None else None,
         train_state={"step": torch.tensor(4)},
     )
     return model.eval(), folder
@@ -57,7 +58,10 @@ def test_round_trip_gives_the_same_logits(tmp_path, head):
     assert torch.equal(loaded(images), model(images))
     assert cfg.head == head and not loaded.training
     manifest = read_manifest(folder)
-    assert manifest["history"] == HISTORY and manifest["embeddings_sha256"] == "f" * 64
+    assert manifest["history"] == HISTORY and "embeddings_sha256" not in manifest
+    trained_from_file = rows is not None
+    assert manifest["descriptions_sha256"] == ("d" * 64 if trained_from_file else None)
+    assert manifest["embeddings_file_sha256"] == ("f" * 64 if trained_from_file else None)
     assert manifest["embedding_dim"] == (
         None if head == "linear" else (12 if rows is not None else 512)
     )

@@ -10,8 +10,8 @@ from bitstorm.config import to_dict
 from trainers.checkpoint import load_checkpoint, load_train_state, read_manifest
 from trainers.config import TrainConfig
 from trainers.data import build_data
+from trainers.driver import fit
 from trainers.loop import make_train_loader
-from trainers.run import fit
 
 # Same global batch, no BatchNorm or dropout (tiny_cnn): DDP's averaged gradient equals the
 # one-worker gradient up to float32 summation order, so after 16 SGD steps the weights agree to

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.sites import find_sites
+from campaign.faults.sites import find_sites
 from trainers.heads import INITIAL_LOGIT_SCALE, TextHead
 from trainers.models import build_model
 

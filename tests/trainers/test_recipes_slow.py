@@ -7,7 +7,7 @@ import pytest
 
 from trainers.checkpoint import load_checkpoint
 from trainers.config import load_train_config
-from trainers.run import fit
+from trainers.driver import fit
 
 
 @pytest.mark.slow

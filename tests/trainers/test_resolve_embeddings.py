@@ -9,7 +9,7 @@ from embeddings.store import load_embeddings
 from tests.embeddings.llm_server import Behaviour, chat_server
 from trainers.config import TrainConfig
 from trainers.data import dataset_class_names
-from trainers.run import built_embeddings_path, resolve_embeddings
+from trainers.driver import built_embeddings_path, resolve_embeddings
 
 
 def _llm_config(tmp_path):
