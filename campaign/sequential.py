@@ -16,10 +16,10 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from campaign.analysis.results import StratumCounts, bit_pools, by_estimate, counts, estimate
+from campaign.analysis.stats import Rate, neyman_allocation, neyman_total
 from campaign.plan import Shard, make_round
-from campaign.results import StratumCounts, bit_pools, by_estimate, counts, estimate
 from campaign.spec import CampaignSpec
-from campaign.stats import neyman_allocation, neyman_total
 
 log = logging.getLogger(__name__)
 StratumKey = tuple[str, str, str, str, int]  # model, kind, layer, format, bit
@@ -37,13 +37,12 @@ class Target:
 
 @dataclass(frozen=True)
 class GroupStatus:
-    """Where one reported estimate (model x kind) stands after a round."""
+    """Where one reported estimate (model x kind) stands after a round; the manifest's
+    ``targets`` are these records as dicts."""
 
     model: str
     kind: str
-    trials: int
-    rate: float
-    margin: float
+    rate: Rate
     needed: int  # total trials the Neyman allocation needs, estimated from the counts so far
     met: bool
     budget_left: int | None
@@ -52,19 +51,17 @@ class GroupStatus:
 def group_status(strata: Iterable[StratumCounts], target: Target) -> list[GroupStatus]:
     statuses = []
     for (model, kind), members in by_estimate(strata).items():
-        columns, pools = counts(members), bit_pools(members)
         rate = estimate(members, target.confidence)
-        trials = sum(columns[1])
         statuses.append(
             GroupStatus(
                 model,
                 kind,
-                trials,
-                rate.rate,
-                rate.margin,
-                neyman_total(*columns, target.margin, target.confidence, pools),
+                rate,
+                neyman_total(
+                    *counts(members), target.margin, target.confidence, bit_pools(members)
+                ),
                 rate.margin <= target.margin,
-                None if target.max_trials is None else max(0, target.max_trials - trials),
+                None if target.max_trials is None else max(0, target.max_trials - rate.trials),
             )
         )
     return statuses
@@ -85,8 +82,9 @@ def next_round(
         if status.met or status.budget_left == 0:
             continue
         members = groups[status.model, status.kind]
-        wanted = min(status.needed - status.trials, math.ceil(status.trials * (MAX_GROWTH - 1)))
-        wanted = max(wanted, math.ceil(0.05 * status.trials), len(members))
+        trials = status.rate.trials
+        wanted = min(status.needed - trials, math.ceil(trials * (MAX_GROWTH - 1)))
+        wanted = max(wanted, math.ceil(0.05 * trials), len(members))
         if status.budget_left is not None:
             wanted = min(wanted, status.budget_left)
         allocation = neyman_allocation(*counts(members), wanted, bit_pools(members))
@@ -130,8 +128,8 @@ def _finish(statuses: list[GroupStatus], spec: CampaignSpec) -> list[GroupStatus
                 s.model,
                 s.kind,
                 spec.margin,
-                s.margin,
-                s.trials,
+                s.rate.margin,
+                s.rate.trials,
                 "max_trials spent"
                 if s.budget_left == 0
                 else f"max_rounds={spec.max_rounds} reached; rerun with more to go on",
@@ -146,8 +144,8 @@ def _log(statuses: list[GroupStatus], round: int) -> None:
             round,
             s.model,
             s.kind,
-            100 * s.rate,
-            100 * s.margin,
-            s.trials,
+            100 * s.rate.rate,
+            100 * s.rate.margin,
+            s.rate.trials,
             "met" if s.met else f"needs about {s.needed:,} trials",
         )

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from campaign.results import StratumCounts, by_estimate, estimate
+from campaign.analysis.results import StratumCounts, by_estimate, estimate
+from campaign.analysis.stats import leveugle_sample_size
 from campaign.sequential import MAX_GROWTH, Target, group_status, next_round
-from campaign.stats import leveugle_sample_size
 
 
 def _strata(model, rows, kind="weight"):
@@ -55,7 +55,7 @@ def test_a_round_grows_an_estimate_by_at_most_max_growth():
     assert sum(extra.values()) == math.ceil(PILOT_TRIALS * (MAX_GROWTH - 1))
     assert all(count > 0 for count in extra.values())
     # Nearer the margin, a round asks for what the Neyman total says is missing.
-    for margin in np.linspace(status.margin, far.margin, 40):
+    for margin in np.linspace(status.rate.margin, far.margin, 40):
         (near,) = group_status(strata, Target(margin, 0.95))
         if 0.05 * PILOT_TRIALS < near.needed - PILOT_TRIALS < PILOT_TRIALS * (MAX_GROWTH - 1):
             break

@@ -1,4 +1,4 @@
-"""campaign.results on campaign folders written the way the runner writes them (Store,
+"""campaign.analysis.results on campaign folders written the way the runner writes them (Store,
 trial_table, manifest): the DuckDB views, what is visible while shards are being written, and
 the stratum counts the statistics take."""
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from bitstorm.errors import DataError
-from campaign.results import (
+from campaign.analysis.results import (
     StratumCounts,
     by_estimate,
     counts,

@@ -63,12 +63,26 @@ def clopper_pearson_interval(
 
 
 @dataclass(frozen=True)
-class StratifiedEstimate:
+class Rate:
+    """An SDC rate with its interval at ``confidence``: the one record of a rate, whether it
+    steers sequential sampling, fills a report's table or prints on the console. ``variance``
+    (of the stratified estimate) feeds ratios and the margin; ``low`` and ``high`` may be a
+    binomial interval instead (a rate on one stratum in a report). ``effective_trials``: trials'
+    worth of independent information, where it was computed."""
+
     rate: float
-    variance: float
     low: float
     high: float
-    margin: float  # z * standard error: the half-width before clipping to [0, 1]
+    confidence: float
+    variance: float
+    trials: int
+    sdc: int
+    effective_trials: float | None = None
+
+    @property
+    def margin(self) -> float:
+        """z * standard error: the half-width of the normal interval before clipping to [0, 1]."""
+        return _z(self.confidence) * math.sqrt(self.variance)
 
 
 def stratified_estimate(
@@ -78,14 +92,15 @@ def stratified_estimate(
     confidence: float = 0.95,
     variance_rates: Sequence[float] | None = None,
     census: Sequence[bool] | None = None,
-) -> StratifiedEstimate:
+) -> Rate:
     """Rate over the union of strata, each weighted by its ``population`` (fault-space size).
 
     Per stratum the variance is p(1-p)/n: trials are drawn with replacement, so there is no
     finite-population correction; a ``census`` stratum (run exhaustively: every site and image
-    once) is known exactly. p is ``variance_rates`` if given (see campaign.results.estimate),
-    else (k + 0.5) / (n + 1) (:func:`shrunk_rates`), so that strata with no SDC yet still
-    contribute uncertainty and the interval never collapses to a point at 0.
+    once) is known exactly. p is ``variance_rates`` if given (see
+    campaign.analysis.results.estimate), else (k + 0.5) / (n + 1) (:func:`shrunk_rates`), so
+    that strata with no SDC yet still contribute uncertainty and the interval never collapses
+    to a point at 0. The Rate's trials and sdc are the strata's totals.
     """
     k = np.asarray(successes, dtype=float)
     n = np.asarray(trials, dtype=float)
@@ -98,7 +113,15 @@ def stratified_estimate(
     sampled = 1.0 - (np.zeros(len(n)) if census is None else np.asarray(census, dtype=float))
     variance = float((weight**2 * shrunk * (1 - shrunk) / n * sampled).sum())
     half = _z(confidence) * math.sqrt(variance)
-    return StratifiedEstimate(rate, variance, max(0.0, rate - half), min(1.0, rate + half), half)
+    return Rate(
+        rate,
+        max(0.0, rate - half),
+        min(1.0, rate + half),
+        confidence,
+        variance,
+        int(n.sum()),
+        int(k.sum()),
+    )
 
 
 def shrunk_rates(

@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bitstorm.errors import DataError
-from campaign.stats import StratifiedEstimate, shrunk_rates, stratified_estimate
+from campaign.analysis.stats import Rate, shrunk_rates, stratified_estimate
 from campaign.store import GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
 
 if TYPE_CHECKING:
@@ -136,13 +136,13 @@ def by_estimate(strata: Iterable[StratumCounts]) -> dict[tuple[str, str], list[S
 
 
 def counts(strata: Sequence[StratumCounts]) -> tuple[list[int], list[int], list[int]]:
-    """(successes, trials, population) columns, as the functions of campaign.stats take them."""
+    """(successes, trials, population) columns, as campaign.analysis.stats takes them."""
     return [s.sdc for s in strata], [s.trials for s in strata], [s.population for s in strata]
 
 
 def bit_pools(strata: Sequence[StratumCounts]) -> list[tuple[str, str, str, int]]:
     """A pool label per stratum: one bit position of one format across the layers of a model
-    and kind (see campaign.stats.shrunk_rates)."""
+    and kind (see campaign.analysis.stats.shrunk_rates)."""
     return [(s.model, s.kind, s.fmt, s.bit) for s in strata]
 
 
@@ -157,7 +157,7 @@ def estimate(
     strata: Sequence[StratumCounts],
     confidence: float = 0.95,
     rates: Mapping[StratumCounts, float] | None = None,
-) -> StratifiedEstimate:
+) -> Rate:
     """The stratified estimate over ``strata``, with the shrinkage pooled by bit position:
     ``rates`` from :func:`variance_rates` over a larger context (a layer's rate takes the
     model's other layers: they are the evidence that a bit never corrupts anything), else over
@@ -169,6 +169,14 @@ def estimate(
         variance_rates=[rates[s] for s in strata],
         census=[s.census for s in strata],
     )
+
+
+def overall_rates(results: Results, confidence: float = 0.95) -> dict[tuple[str, str], Rate]:
+    """The SDC rate of each model and kind over all its trials, by (model, kind): each stratum
+    weighted by its share of the fault space, with an interval at ``confidence``."""
+    return {
+        key: estimate(members, confidence) for key, members in by_estimate(results.strata()).items()
+    }
 
 
 def _dataset(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest, norm
 
-from campaign.stats import (
+from campaign.analysis.stats import (
     ClusterSums,
     bootstrap_ratio_interval,
     clopper_pearson_interval,

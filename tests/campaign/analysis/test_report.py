@@ -1,6 +1,7 @@
 """campaign.report on synthetic campaigns whose SDC counts are known, so every rate, ratio and
 interval in report.json can be recomputed here by hand (weighting strata by population)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,9 +9,14 @@ from pathlib import Path
 import pytest
 from scipy.stats import norm
 
-from campaign.document import Heading, Paragraph, Table, to_html, to_markdown
+from campaign.analysis.build import build_report
+from campaign.analysis.document import Heading, Paragraph, Table, to_html, to_markdown
+from campaign.analysis.render import comparison_blocks, console_summary
+from campaign.analysis.results import open_results, overall_rates
+from campaign.analysis.stats import clopper_pearson_interval, effective_sample_size, wilson_interval
+from campaign.analysis.summary import Options
 from campaign.report import main
-from campaign.stats import clopper_pearson_interval, effective_sample_size, wilson_interval
+from campaign.sequential import Target, group_status
 from tests.campaign.conftest import model_entry
 
 IMAGES = 8
@@ -235,6 +241,47 @@ def test_an_old_manifest_without_model_facts_still_reports(synthetic_campaign, t
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "| head | unknown |" in markdown
     assert "text: head unknown" in markdown
+
+
+def test_console_summary_has_the_rates_and_the_reports_comparison(zoo):
+    report = build_report([zoo], Options(confidence=0.9))
+    text = console_summary(report)
+    table, comparison = text.split("\n\n", 1)
+    header, *rows = table.splitlines()
+    assert "90% interval" in header and len(rows) == 2
+    base = report.models[0].kinds["weight"].overall
+    assert rows[0].split()[:4] == ["base", "weight", "60", f"{base.rate:.3%}"]
+    assert f"[{base.low:.3%}, {base.high:.3%}]" in rows[0]
+    assert comparison == to_markdown(comparison_blocks(report))
+    assert "Improvement last layer" in comparison
+
+
+def test_overall_rates_are_the_reports_overall_rates(zoo):
+    rates = overall_rates(open_results(zoo), 0.9)
+    assert list(rates) == [("base", "weight"), ("text", "weight")]
+    assert rates["base", "weight"].rate == pytest.approx(_rate(_strata("base")))
+    assert (rates["base", "weight"].trials, rates["base", "weight"].sdc) == (60, 15)
+    assert rates["base", "weight"].confidence == 0.9
+    report = build_report([zoo], Options(confidence=0.9))
+    for model in report.models:
+        overall = model.kinds["weight"].overall
+        assert dataclasses.replace(overall, effective_trials=None) == rates[model.name, "weight"]
+
+
+def test_the_sequential_targets_of_the_manifest_are_summarised(zoo, tmp_path):
+    """Targets as the runner writes them (asdict of each GroupStatus) and as manifests from
+    before GroupStatus held a Rate wrote them (flat rate, margin and trials)."""
+    strata = open_results(zoo).strata()
+    base, _ = group_status(strata, Target(margin=0.5, confidence=0.95))
+    old = {"model": "text", "kind": "weight", "trials": 92, "rate": 0.1, "margin": 0.0125}
+    manifest_path = Path(zoo, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["targets"] = [dataclasses.asdict(base), {**old, "needed": 9, "met": False}]
+    manifest_path.write_text(json.dumps(manifest))
+    assert _run(zoo, out=tmp_path / "r") == 0
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert f"base weight: +-{base.rate.margin:.3%} after 60 trials (met)" in markdown
+    assert "text weight: +-1.250% after 92 trials (NOT met)" in markdown
 
 
 @pytest.mark.parametrize(
