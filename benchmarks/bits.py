@@ -1,4 +1,4 @@
-"""Flips per second of campaign.bits.flip for each number format, against pytorchfi's own
+"""Flips per second of campaign.faults.bits.flip for each number format, against pytorchfi's own
 bit-flip primitive (``single_bit_flip_func._flip_bit_signed``, an 8-bit quantised flip done one
 value at a time in Python) measured in the same run.
 
@@ -21,7 +21,7 @@ from timing import best_seconds, timed
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
-from campaign.bits import FORMATS, flip, int8_scale
+from campaign.faults.bits import FORMATS, flip, int8_scale
 
 
 def pytorchfi_flips_per_second(count: int) -> float:

@@ -20,10 +20,10 @@ import torch
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
+from campaign.images import select_images
 from campaign.plan import make_plan
 from campaign.runner import run_campaign, validate
 from campaign.spec import CampaignSpec
-from campaign.workers import select_images
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainConfig
 from trainers.models import build_model
@@ -58,21 +58,24 @@ def main() -> None:
         }
 
         # The bare engine on the same trials: one process, both cores, no Ray, no Parquet.
-        spec = CampaignSpec(**base, name="bare")
-        loaded, sites = validate(spec)
+        spec = CampaignSpec.parse({**base, "name": "bare"})
+        checked = validate(spec)
+        loaded, sites = checked.models, checked.sites
         images = select_images(spec, loaded)
         plan = make_plan(spec, sites, len(images.indices))
-        from campaign.engine import Engine
+        from campaign.faults.engine import Engine
 
         engines = {
             name: Engine(model, images.images[:1], device="cpu") for name, model in loaded.items()
         }
         trials = sum(s.size(len(images.indices)) for s in plan)
         start = time.perf_counter()
-        for name, engine in engines.items():  # the golden pass once, as the actors do
-            engine.warm(images.images, [site.name for site in sites[name]], spec.kinds)
+        caches = {  # the golden pass once, as the actors do
+            name: engine.golden(images.images, [site.name for site in sites[name]], spec.kinds)
+            for name, engine in engines.items()
+        }
         for shard in plan:
-            engines[shard.model].run(images.images, shard.trials(len(images.indices)))
+            engines[shard.model].run(caches[shard.model], shard.trials(len(images.indices)))
         bare_s = time.perf_counter() - start
 
         rows = [
@@ -85,9 +88,8 @@ def main() -> None:
         ]
         parquet_bytes = 0
         for actors in (1, 2):
-            spec = CampaignSpec(
-                **base, name=f"actors{actors}", actors=actors, cpus_per_actor=2.0 / actors
-            )
+            resources = {"actors": actors, "cpus_per_actor": 2.0 / actors}
+            spec = CampaignSpec.parse({**base, "name": f"actors{actors}", "resources": resources})
             start = time.perf_counter()
             run_campaign(spec, progress=False)
             seconds = time.perf_counter() - start

@@ -33,9 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
-from campaign.engine import Engine, TrialGroup
-from campaign.reference import PytorchfiBatched, Trial, random_weight_trials
-from campaign.results import group_by
+from campaign.analysis.results import group_by
+from campaign.faults.engine import Engine
+from campaign.faults.reference import PytorchfiBatched, Trial, random_weight_trials
+from campaign.faults.trials import TrialGroup
 from trainers.models import build_model
 
 
@@ -52,8 +53,8 @@ def suffix_fractions(engine: Engine, images: torch.Tensor, layers: list[str]) ->
         total = flops(lambda: engine.model(one))
         fractions = {}
         for layer in layers:
-            cut = engine._cut(layer, 0)
-            _, *values = engine._golden_module((cut.node, *cut.externals))(one)
+            cut = engine.traced.cut(layer, 0)
+            _, *values = engine.traced.golden_module((cut.node, *cut.externals))(one)
             fractions[layer] = flops(lambda cut=cut, values=values: cut.suffix(*values)) / total
     return fractions
 
@@ -131,8 +132,9 @@ def main() -> None:
         pfi_neuron_logits.append(logits)
     neuron_trials = [t for batch in neuron_batches for t in batch]
     neuron_groups = to_groups(neuron_trials)
-    engine.run_many(images, to_groups(neuron_trials[:64]))  # warm-up: traces and caches
-    engine_neuron_s, neuron_out = timed(lambda: engine.run_many(images, neuron_groups), device)
+    cache = engine.golden(images)  # no layers named: each run makes its golden pass, as before
+    engine.run_many(cache, to_groups(neuron_trials[:64]))  # warm-up: traces and caches
+    engine_neuron_s, neuron_out = timed(lambda: engine.run_many(cache, neuron_groups), device)
 
     # Weight faults uniform over the weight space; each on every image.
     weights = [site.weight_elements for site in layers]
@@ -146,8 +148,8 @@ def main() -> None:
         pfi_weight_logits.append(logits)
     weight_trials = [(fault, image) for fault in weight_faults for image in range(args.images)]
     weight_groups = to_groups(weight_trials)
-    engine.run_many(images, to_groups(weight_trials[:64]))
-    engine_weight_s, _ = timed(lambda: engine.run_many(images, weight_groups), device)
+    engine.run_many(cache, to_groups(weight_trials[:64]))
+    engine_weight_s, _ = timed(lambda: engine.run_many(cache, weight_groups), device)
 
     # Agreement on these very trials (top-1, NaN counted as its own class).
     def top1(logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +177,7 @@ def main() -> None:
     sweep_s, sweep_trials = timed(
         lambda: sum(
             len(group)
-            for group, _ in engine.sweep_layer(images, final, "fp32", weights_per_chunk=256)
+            for group, _ in engine.sweep_layer(cache, final, "fp32", weights_per_chunk=256)
         ),
         device,
     )
@@ -239,7 +241,7 @@ def main() -> None:
 
     profile = cProfile.Profile()
     profile.enable()
-    engine.run_many(images, neuron_groups)
+    engine.run_many(cache, neuron_groups)
     profile.disable()
     stream = io.StringIO()
     pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(8)

@@ -12,9 +12,10 @@ Two ways to the same number, on the same machine in one run:
 
 The pytorchfi sample shares each fault among a batch of images, so its trials are clustered: it
 is reported with Wilson's interval over trials (what the count assumes) and with the interval
-over the effective sample size (campaign.stats.effective_sample_size), which is the honest one
-and usually misses the margin. Independent trials (one image per fault, what Leveugle's count
-assumes) cost pytorchfi one forward each: timed on 256 trials and extrapolated, and labelled so.
+over the effective sample size (campaign.analysis.stats.effective_sample_size), which is the
+honest one and usually misses the margin. Independent trials (one image per fault, what
+Leveugle's count assumes) cost pytorchfi one forward each: timed on 256 trials and extrapolated,
+and labelled so.
 The model is the embedded default's baseline ResNet-18 (run ``python campaign/run.py`` first).
 """
 
@@ -31,19 +32,19 @@ import torch
 from timing import timed
 
 from bitstorm.atomic import write_json_atomic
-from campaign.engine import Engine
-from campaign.plan import Shard, make_plan
-from campaign.reference import PytorchfiBatched, random_weight_trials
-from campaign.results import StratumCounts, estimate
-from campaign.sequential import run_rounds
-from campaign.sites import SiteSpace, find_sites
-from campaign.spec import CampaignSpec
-from campaign.stats import (
+from campaign.analysis.results import StratumCounts
+from campaign.analysis.stats import (
     effective_sample_size,
     leveugle_sample_size,
     wilson_interval,
 )
-from campaign.workers import select_images
+from campaign.faults.engine import Engine
+from campaign.faults.reference import PytorchfiBatched, random_weight_trials
+from campaign.faults.sites import SiteSpace, find_sites
+from campaign.images import select_images
+from campaign.plan import Shard, make_plan
+from campaign.sequential import run_rounds
+from campaign.spec import CampaignSpec
 from trainers.checkpoint import load_checkpoint, resolve_checkpoint
 
 MODEL = "model"
@@ -53,8 +54,8 @@ def bitstorm_run(spec: CampaignSpec, model, images, space: SiteSpace) -> dict:
     """The sequential plan (campaign.sequential.run_rounds, as the campaign runs it),
     evaluated in process: no Ray, no Parquet, so the timing is the engine's and the plan's."""
     started = time.perf_counter()
-    engine = Engine(model, images.images[:1], device="cpu", batch_size=spec.batch_size)
-    engine.warm(images.images, space.names(), spec.kinds)
+    engine = Engine(model, images.images[:2], device="cpu", batch_size=spec.resources.batch_size)
+    cache = engine.golden(images.images, space.names(), spec.kinds)
     n_images = len(images.indices)
     plan = make_plan(spec, {MODEL: list(space)}, n_images)
     population = {s.layer: s.sites * n_images for s in plan}
@@ -66,7 +67,7 @@ def bitstorm_run(spec: CampaignSpec, model, images, space: SiteSpace) -> dict:
         rounds[0] = round
         for shard in shards:
             group = shard.trials(n_images)
-            outcome = engine.run(images.images, group)
+            outcome = engine.run(cache, group)
             for bit, hit in zip(group.bit.tolist(), outcome.sdc.tolist(), strict=True):
                 trials[shard.layer, bit] += 1
                 sdc[shard.layer, bit] += hit
@@ -82,10 +83,10 @@ def bitstorm_run(spec: CampaignSpec, model, images, space: SiteSpace) -> dict:
     run(plan, 0)
     (status,) = run_rounds(spec, plan, strata, run)
     seconds = time.perf_counter() - started
-    rate = estimate(strata(len(plan)), spec.confidence)
+    rate = status.rate
     return {
         "seconds": seconds,
-        "trials": status.trials,
+        "trials": rate.trials,
         "rounds": rounds[0] + 1,
         "met": status.met,
         "rate": rate.rate,
@@ -161,13 +162,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_checkpoint(checkpoint)[0].eval()
-    spec = CampaignSpec(
-        models=[{"name": MODEL, "checkpoint": str(checkpoint)}],
-        images=args.images,
-        kinds=["weight"],
-        sampling={"margin": args.margin, "confidence": args.confidence},
-        trials_per_stratum=args.pilot,
-        seed=args.seed,
+    spec = CampaignSpec.parse(
+        {
+            "models": [{"name": MODEL, "checkpoint": str(checkpoint)}],
+            "images": args.images,
+            "kinds": ["weight"],
+            "sampling": {"margin": args.margin, "confidence": args.confidence},
+            "trials_per_stratum": args.pilot,
+            "seed": args.seed,
+        }
     )
     images = select_images(spec, {MODEL: model})
     space = find_sites(model, images.images[:1], types=spec.layer_types)

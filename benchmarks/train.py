@@ -3,7 +3,7 @@ in one process (no Ray) on the same machine, in one run.
 
     python benchmarks/train.py [--backbone resnet18] [--epochs 2] [--out FILE]
 
-Each Ray run is a real ``trainers.run.fit`` of the digits recipe; its throughput is the last
+Each Ray run is a real ``trainers.driver.fit`` of the digits recipe; its throughput is the last
 epoch's (the first pays for start-up). The plain loop trains the same model on the same data with
 torch's default threads. Prints a table and writes JSON (atomically).
 """
@@ -46,7 +46,7 @@ def plain_loop(cfg: TrainConfig) -> float:
 
 
 def ray_run(cfg: TrainConfig) -> tuple[float, float]:
-    from trainers.run import fit
+    from trainers.driver import fit
 
     wall, result = timed(lambda: fit(cfg))
     history = read_manifest(result.checkpoint.path)["history"]

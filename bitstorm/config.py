@@ -35,8 +35,17 @@ def load_config(
     """Dataclass ``cls`` from a YAML file, or from the file ``<folder>/<spec>.yaml`` shipped in
     ``package`` (see ``shipped_config``), with ``key=value`` overrides applied; errors name
     ``spec`` as given."""
-    path = shipped_config(spec, folder, package=package)
-    return from_dict(cls, apply_overrides(read_config_file(path), overrides), str(spec))
+    data = load_config_data(spec, overrides, package=package, folder=folder)
+    return from_dict(cls, data, str(spec))
+
+
+def load_config_data(
+    spec: str | Path, overrides: Sequence[str] = (), *, package: str, folder: str
+) -> dict[str, Any]:
+    """The mapping ``load_config`` builds its dataclass from: the file, overrides applied."""
+    return apply_overrides(
+        read_config_file(shipped_config(spec, folder, package=package)), overrides
+    )
 
 
 def shipped_config(spec: str | Path, folder: str, *, package: str) -> Path:
@@ -81,16 +90,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``data`` with each ``key=value`` applied (value parsed as YAML)."""
+    """``data`` with each ``key=value`` applied (value parsed as YAML); a dotted key
+    (``resources.actors=4``) sets a field of a nested mapping."""
     merged = dict(data)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
         try:
-            merged[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        *parents, last = key.strip().split(".")
+        target = merged
+        for depth, parent in enumerate(parents):
+            inner = target.get(parent, {})
+            if not isinstance(inner, Mapping):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is not a mapping")
+            nested = dict(inner)
+            target[parent] = nested
+            target = nested
+        target[last] = parsed
     return merged
 
 
@@ -143,6 +164,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where} may not be null")
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of field: value, got {value!r}")
+        return from_dict(hint, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from campaign.engine import TrialGroup
-from campaign.sites import LayerSite
+from campaign.analysis.stats import leveugle_sample_size
+from campaign.faults.sites import LayerSite
+from campaign.faults.trials import TrialGroup
 from campaign.spec import CampaignSpec
-from campaign.stats import leveugle_sample_size
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Shard:
 def make_plan(spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: int) -> list[Shard]:
     """Every shard of the campaign, in a fixed order with ids 0, 1, ..."""
     shards: list[Shard] = []
-    for model in spec.model_entries():
+    for model in spec.models:
         for kind in spec.kinds:
             for site in sites[model.name]:
                 count = site.weight_elements if kind == "weight" else site.neuron_elements

@@ -6,8 +6,8 @@ from collections import defaultdict
 import pytest
 import torch
 
+from campaign.faults.sites import LayerSite
 from campaign.plan import Shard, make_plan, make_round
-from campaign.sites import LayerSite
 from campaign.spec import CampaignSpec
 
 IMAGES = 4
@@ -37,7 +37,7 @@ EXTRA = {  # (model, kind, layer, format, bit) -> more trials
 
 def _spec(**changes):
     settings = {"models": MODELS, "bits": [0, 5, 30], "trials_per_stratum": 8} | changes
-    return CampaignSpec(**settings)
+    return CampaignSpec.parse(settings)
 
 
 def _by_stratum(shards, images=IMAGES):

@@ -10,18 +10,13 @@ import pytest
 
 from bitstorm.config import shipped_config
 from bitstorm.errors import ConfigError
-from campaign.run import (
-    build_parser,
-    default_embeddings,
-    default_train_configs,
-    load_campaign_spec,
-    main,
-)
-from campaign.spec import CampaignSpec, load_spec
+from campaign.cli import build_parser, load_campaign_spec, main
+from campaign.default import default_embeddings, default_train_configs
+from campaign.spec import CampaignSpec, ModelEntry, load_spec
 from trainers.checkpoint import FORMAT, MANIFEST
 from trainers.config import TrainConfig, load_train_config
+from trainers.driver import built_embeddings_path
 from trainers.heads import head_kind
-from trainers.run import built_embeddings_path
 
 PAPER = Path(__file__).resolve().parents[2] / "campaign" / "specs" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
@@ -82,15 +77,15 @@ def test_preset_follows_the_paper_protocol(path):
     assert spec.clamp is False
     assert spec.dataset == path.stem.split("_")[0]
     if spec.dataset == "digits":  # this machine: local, CPU
-        assert spec.gpus_per_actor == 0 and not spec.output.startswith("s3://")
+        assert spec.resources.gpus_per_actor == 0 and not spec.output.startswith("s3://")
     else:  # a cluster: one GPU per actor, results to object storage
-        assert spec.gpus_per_actor == 1 and spec.output.startswith("s3://")
+        assert spec.resources.gpus_per_actor == 1 and spec.output.startswith("s3://")
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_models_are_a_linear_baseline_and_a_text_head_from_the_header_commands(path):
     spec = load_spec(path)
-    entries = {e.name.rpartition("_")[2]: e for e in spec.model_entries()}
+    entries = {e.name.rpartition("_")[2]: e for e in spec.models}
     assert sorted(entries) == ["linear", "text"] and len(spec.models) == 2
     runs = {cfg.run_dir: cfg for cfg in training_runs(path)}
     assert len(runs) == 2, "the header gives one training command per model"
@@ -118,7 +113,7 @@ def test_digits_preset_uses_what_the_default_run_writes():
     spec = load_spec(PAPER / "digits_resnet18.yaml")
     output = Path(build_parser().parse_args([]).output).resolve()
     configs = default_train_configs(output)
-    entries = {e.name.rpartition("_")[2]: e for e in spec.model_entries()}
+    entries = {e.name.rpartition("_")[2]: e for e in spec.models}
     assert {head: Path(e.checkpoint).resolve() for head, e in entries.items()} == {
         head: cfg.run_dir for head, cfg in configs.items()
     }
@@ -149,8 +144,8 @@ def test_run_folders_in_a_spec_become_their_latest_checkpoints(tmp_path, monkeyp
     spec = load_campaign_spec("spec.yaml", ["images=8"])
     assert isinstance(spec, CampaignSpec) and spec.images == 8
     assert spec.models == [
-        {"name": "a", "checkpoint": str(Path("runs/a/checkpoint_2"))},
-        {"name": "b", "checkpoint": "ckpt", "embeddings": "e.safetensors"},
+        ModelEntry("a", str(Path("runs/a/checkpoint_2"))),
+        ModelEntry("b", "ckpt", "e.safetensors"),
     ]
     (tmp_path / "spec.yaml").write_text("models: [{name: a, checkpoint: runs/none}]\n")
     with pytest.raises(ConfigError, match=r"models\[a\]\.checkpoint: runs/none: neither"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from campaign.run import main
+from campaign.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

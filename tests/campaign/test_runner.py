@@ -13,14 +13,14 @@ import torch
 
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError
+from campaign.analysis.results import overall_rates, results_of
+from campaign.faults.reference import Trial, reference_logits
+from campaign.images import select_images
 from campaign.plan import make_plan
-from campaign.reference import Trial, reference_logits
-from campaign.results import results_of
 from campaign.runner import run_campaign, validate
 from campaign.sequential import Target, group_status
 from campaign.spec import CampaignSpec
 from campaign.store import Store
-from campaign.workers import select_images
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainConfig
 from trainers.models import build_model
@@ -59,10 +59,15 @@ def _spec(checkpoints, output, **changes):
         "formats": ["fp32", "int8"],
         "bits": [0, 6, 7],
         "output": str(output),
-        "actors": 2,
+        "resources": {"actors": 2},
         "shard_size": 24,
     } | changes
-    return CampaignSpec(**settings)
+    return CampaignSpec.parse(settings)
+
+
+def _summary(store):
+    """Each model x kind's overall SDC rate, as the console summary and the report give it."""
+    return overall_rates(results_of(store))
 
 
 def _trials(output):
@@ -72,16 +77,16 @@ def _trials(output):
 
 
 def _planned(spec):
-    models, sites = validate(spec)
-    images = select_images(spec, models)
-    return make_plan(spec, sites, len(images.indices)), images, models
+    checked = validate(spec)
+    images = select_images(spec, checked.models)
+    return make_plan(spec, checked.sites, len(images.indices)), images, checked.models
 
 
 def test_results_hold_exactly_the_planned_trials_and_agree_with_the_reference(
     ray_local, checkpoints, tmp_path
 ):
     spec = _spec(checkpoints, tmp_path)
-    summary = run_campaign(spec, progress=False)
+    summary = list(_summary(run_campaign(spec, progress=False)).values())
     plan, images, models = _planned(spec)
     rows = _trials(tmp_path)
     expected = {s.id: s.size(len(images.indices)) for s in plan}
@@ -177,11 +182,11 @@ def test_a_sequential_campaign_meets_the_margin_and_replays_its_rounds_on_rerun(
     # reach it.
     spec = _spec(checkpoints, tmp_path, sampling={"margin": 0.02, "confidence": 0.95})
     assert spec.sampling == "sequential"
-    summary = run_campaign(spec, progress=False)
+    summary = _summary(run_campaign(spec, progress=False))
     store = Store.open(str(tmp_path), "test")
     target = Target(spec.margin, spec.confidence, spec.max_trials)
     statuses = group_status(results_of(store).strata(), target)
-    assert len(statuses) == 4 and all(s.met and s.margin <= spec.margin for s in statuses)
+    assert len(statuses) == 4 and all(s.met and s.rate.margin <= spec.margin for s in statuses)
     manifest = store.read_json(store.manifest_path)
     plan = manifest["plan"]["shard_list"]
     assert manifest["status"] == "complete" and manifest["spec"]["sampling"] == "sequential"
@@ -191,16 +196,16 @@ def test_a_sequential_campaign_meets_the_margin_and_replays_its_rounds_on_rerun(
     sizes = {s["id"]: sum(s["counts"]) for s in plan}
     rows = _trials(tmp_path)
     assert rows.groupby("shard").size().to_dict() == sizes  # every planned trial, exactly once
-    assert manifest["plan"]["trials"] == len(rows) == sum(r.trials for r in summary)
+    assert manifest["plan"]["trials"] == len(rows) == sum(r.trials for r in summary.values())
     # A rerun replays the same rounds from the files: nothing new runs, nothing changes.
     before = {p: os.path.getmtime(p) for p in _shard_files(tmp_path)}
-    assert run_campaign(spec, progress=False) == summary
+    assert _summary(run_campaign(spec, progress=False)) == summary
     assert {p: os.path.getmtime(p) for p in _shard_files(tmp_path)} == before
     assert store.read_json(store.manifest_path)["plan"] == manifest["plan"]
     # A later round's shard lost (a driver killed mid-round): the rerun redoes exactly it.
     lost = plan[-1]
     os.remove(store.shard_path(lost["model"], lost["kind"], lost["layer"], lost["id"]))
-    assert run_campaign(spec, progress=False) == summary
+    assert _summary(run_campaign(spec, progress=False)) == summary
     assert store.read_json(store.manifest_path)["plan"] == manifest["plan"]
     order = ["shard", "model", "kind", "layer", "index", "bit", "image"]
     again = _trials(tmp_path).sort_values(order).reset_index(drop=True)
@@ -252,7 +257,9 @@ def test_a_killed_driver_resumes_on_rerun(ray_local, checkpoints, tmp_path):
 
     import yaml
 
-    spec = _spec(checkpoints, tmp_path, trials_per_stratum=40, shard_size=40, actors=1)
+    spec = _spec(
+        checkpoints, tmp_path, trials_per_stratum=40, shard_size=40, resources={"actors": 1}
+    )
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(to_dict(spec)))
     root = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from bitstorm.errors import ConfigError
-from campaign.spec import CampaignSpec, load_spec
+from campaign.spec import CampaignSpec, ModelEntry, Resources, load_spec
 
 MODELS = [{"name": "m", "checkpoint": "/nonexistent/m"}]
 
@@ -16,18 +16,23 @@ def _load(tmp_path, **fields):
     return load_spec(path)
 
 
+def _parse(**fields):
+    return CampaignSpec.parse({"models": MODELS} | fields)
+
+
 def test_a_margin_mapping_means_sequential_sampling(tmp_path):
     spec = _load(tmp_path, sampling={"margin": 0.005, "confidence": 0.99})
     assert spec.sampling == "sequential"
     assert spec.margin == 0.005 and spec.confidence == 0.99
     # The same campaign as spelling the fields out, so both share results folders.
     spelled = _load(tmp_path, sampling="sequential", margin=0.005, confidence=0.99)
-    assert spelled == spec and spelled.fingerprint() == spec.fingerprint()
+    ids = {"m": "weights"}
+    assert spelled == spec and spelled.fingerprint(ids) == spec.fingerprint(ids)
     # One key keeps the other's default; integers are numbers too.
-    only_margin = CampaignSpec(models=MODELS, sampling={"margin": 0.02})
+    only_margin = _parse(sampling={"margin": 0.02})
     assert only_margin.sampling == "sequential" and only_margin.margin == 0.02
-    assert only_margin.confidence == CampaignSpec(models=MODELS).confidence
-    assert isinstance(CampaignSpec(models=MODELS, sampling={"confidence": 0.9}).margin, float)
+    assert only_margin.confidence == _parse().confidence
+    assert isinstance(_parse(sampling={"confidence": 0.9}).margin, float)
 
 
 @pytest.mark.parametrize(
@@ -55,21 +60,53 @@ def test_bad_sampling_is_refused_naming_the_field(tmp_path, sampling, message):
 )
 def test_trial_and_round_limits_must_be_positive(field, value):
     with pytest.raises(ConfigError, match=rf"{field} must be positive, got {value}"):
-        CampaignSpec(models=MODELS, sampling={"margin": 0.01}, **{field: value})
-    spec = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, **{field: 1})
+        _parse(sampling={"margin": 0.01}, **{field: value})
+    spec = _parse(sampling={"margin": 0.01}, **{field: 1})
     assert getattr(spec, field) == 1
 
 
 def test_old_and_misplaced_sampling_fields_are_explained():
     with pytest.raises(ConfigError, match="'margin' is now 'leveugle'"):
-        CampaignSpec(models=MODELS, sampling="margin")
+        _parse(sampling="margin")
     with pytest.raises(ConfigError, match="max_trials applies to sequential sampling only"):
-        CampaignSpec(models=MODELS, max_trials=1000)
+        _parse(max_trials=1000)
 
 
 def test_more_rounds_continue_the_same_campaign_but_a_budget_does_not():
-    base = CampaignSpec(models=MODELS, sampling={"margin": 0.01})
-    more_rounds = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, max_rounds=80)
-    budget = CampaignSpec(models=MODELS, sampling={"margin": 0.01}, max_trials=5000)
-    assert more_rounds.fingerprint() == base.fingerprint()  # a rerun with more rounds resumes
-    assert budget.fingerprint() != base.fingerprint()  # a budget changes earlier rounds
+    ids = {"m": "weights"}
+    base = _parse(sampling={"margin": 0.01})
+    more_rounds = _parse(sampling={"margin": 0.01}, max_rounds=80)
+    budget = _parse(sampling={"margin": 0.01}, max_trials=5000)
+    assert more_rounds.fingerprint(ids) == base.fingerprint(ids)  # more rounds resume
+    assert budget.fingerprint(ids) != base.fingerprint(ids)  # a budget changes earlier rounds
+
+
+def test_moving_folders_does_not_change_the_fingerprint_but_other_weights_do():
+    """Where a campaign runs (folders, data root, resources) is not what it measures; the
+    models enter by the content of their weights, not by their paths."""
+    ids = {"m": "weights"}
+    spec = _parse()
+    moved = _parse(
+        models=[{"name": "m", "checkpoint": "/elsewhere/m"}],
+        output="/mnt/other",
+        data_root="/mnt/data",
+        resources={"actors": 8, "gpus_per_actor": 1},
+    )
+    assert moved.fingerprint(ids) == spec.fingerprint(ids)
+    assert spec.fingerprint({"m": "other weights"}) != spec.fingerprint(ids)
+    assert _parse(images=64).fingerprint(ids) != spec.fingerprint(ids)
+
+
+def test_the_spec_is_typed_once(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"models": MODELS, "resources": {"actors": 3}}))
+    spec = load_spec(path, ["resources.cpus_per_actor=2", "images=32"])
+    assert isinstance(spec.models[0], ModelEntry) and spec.models[0].checkpoint == "/nonexistent/m"
+    assert spec.resources == Resources(actors=3, cpus_per_actor=2.0)
+    assert spec.images == 32
+    with pytest.raises(ConfigError, match=r"resources\.actors=\.\.\."):
+        _parse(actors=4)  # the old, flat place of a resource field
+    with pytest.raises(ConfigError, match=r"resources\.actors must be positive"):
+        _parse(resources={"actors": 0})
+    with pytest.raises(ConfigError, match=r"unknown field 'gpus'"):
+        _parse(resources={"gpus": 1})

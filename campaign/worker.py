@@ -1,0 +1,69 @@
+"""The shard worker: a Ray actor per GPU on a cluster (CPU actors locally) that owns the models,
+their engines and golden caches, and writes its own Parquet shards, so trial rows never pass
+through the driver."""
+
+from __future__ import annotations
+
+import torch
+
+from campaign.faults.engine import Engine
+from campaign.faults.golden import GoldenCache
+from campaign.faults.sites import select_layers
+from campaign.images import CampaignImages, load_models
+from campaign.plan import Shard
+from campaign.spec import CampaignSpec
+from campaign.store import Store, trial_table
+
+
+class ShardWorker:
+    """Loads every model and its engine once, runs each model's golden pass once, then
+    evaluates and writes shard after shard."""
+
+    def __init__(self, spec: CampaignSpec, images: CampaignImages) -> None:
+        resources = spec.resources
+        torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+        self.images = images
+        self.store = Store.open(spec.output, spec.name)
+        device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.engines: dict[str, Engine] = {}
+        self.caches: dict[str, GoldenCache] = {}
+        for name, model in load_models(spec).items():
+            engine = Engine(
+                model,
+                images.images[:2],
+                device=device,
+                batch_size=resources.batch_size,
+                clamp=spec.clamp,
+            )
+            layers = select_layers(
+                model, types=spec.layer_types, include=spec.layers, exclude=spec.exclude_layers
+            )
+            self.engines[name] = engine
+            self.caches[name] = engine.golden(images.images, list(layers), spec.kinds)
+
+    def run(self, shard: Shard) -> dict[str, int]:
+        """Evaluate ``shard`` and write its Parquet file; returns counts for progress."""
+        group = shard.trials(len(self.images.indices))
+        out = self.engines[shard.model].run(self.caches[shard.model], group)
+        image_ids = torch.tensor(self.images.indices)[group.image]
+        table = trial_table(
+            {
+                "index": group.index,
+                "bit": group.bit,
+                "format": shard.fmt,
+                "image": image_ids,
+                "label": self.images.labels[group.image],
+                "golden_top1": out.golden_top1,
+                "faulty_top1": out.faulty_top1,
+                "sdc": out.sdc,
+                "non_finite": out.non_finite,
+                "top2diff": out.top2diff,
+                "value_before": out.value_before,
+                "value_after": out.value_after,
+                "shard": shard.id,
+            }
+        )
+        self.store.write_table(
+            self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id), table
+        )
+        return {"shard": shard.id, "rows": table.num_rows, "sdc": int(out.sdc.sum())}
