@@ -44,6 +44,20 @@ class TextEncoder:
     device: str
     _encode_batch: Callable[[list[str]], torch.Tensor]
 
+    @classmethod
+    def probed(
+        cls,
+        id: str,
+        pretrained: str,
+        random_init: bool,
+        device: str,
+        encode_batch: Callable[[list[str]], torch.Tensor],
+    ) -> TextEncoder:
+        """An encoder whose ``dim`` is measured by encoding one text: no library reports it the
+        same way."""
+        dim = int(encode_batch(["probe"]).shape[-1])
+        return cls(id, pretrained, random_init, dim, device, encode_batch)
+
     def encode(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = True
     ) -> torch.Tensor:
@@ -114,15 +128,7 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
     def encode_batch(texts: list[str]) -> torch.Tensor:
         return model.encode_text(tokenizer(texts).to(device))
 
-    dim = int(encode_batch(["probe"]).shape[-1])
-    return TextEncoder(
-        id=f"open_clip:{arch}:{tag}",
-        pretrained=tag,
-        random_init=random_init,
-        dim=dim,
-        device=device,
-        _encode_batch=encode_batch,
-    )
+    return TextEncoder.probed(f"open_clip:{arch}:{tag}", tag, random_init, device, encode_batch)
 
 
 def _sentence_transformer(name: str, device: str) -> TextEncoder:
@@ -150,12 +156,4 @@ def _sentence_transformer(name: str, device: str) -> TextEncoder:
     def encode_batch(texts: list[str]) -> torch.Tensor:
         return model.encode(texts, convert_to_tensor=True, show_progress_bar=False)
 
-    dim = int(encode_batch(["probe"]).shape[-1])
-    return TextEncoder(
-        id=f"st:{name}",
-        pretrained=name,
-        random_init=False,
-        dim=dim,
-        device=device,
-        _encode_batch=encode_batch,
-    )
+    return TextEncoder.probed(f"st:{name}", name, False, device, encode_batch)
