@@ -13,17 +13,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bitstorm", "campaign", "trainers", "embeddings")
 
-# For each module of the wing, in a fresh interpreter: which forbidden top-level packages
-# importing it brought in (transitively), beyond what the wing's earlier modules brought.
+# Imports every module of the wing in a fresh interpreter and records, for each forbidden
+# top-level package that gets imported, the chain of project modules that were executing at that
+# moment (innermost first): the first entry is the module whose import statement pulled it in.
 PROBE = """
 import importlib, json, sys
 forbidden, found = set(sys.argv[1].split(",")), {}
+project = ("bitstorm", "campaign", "trainers", "embeddings")
+
+class Witness:
+    def find_spec(self, name, path=None, target=None):
+        if name in forbidden and name not in found:
+            frame, chain = sys._getframe(1), []
+            while frame is not None:
+                module = frame.f_globals.get("__name__", "")
+                if module.partition(".")[0] in project and module not in chain:
+                    chain.append(module)
+                frame = frame.f_back
+            found[name] = chain
+        return None
+
+sys.meta_path.insert(0, Witness())
 for name in sys.argv[2:]:
-    before = {m.partition(".")[0] for m in sys.modules}
     importlib.import_module(name)
-    new = {m.partition(".")[0] for m in sys.modules} - before
-    if new & forbidden:
-        found[name] = sorted(new & forbidden)
 print(json.dumps(found))
 """
 
@@ -50,7 +62,11 @@ def test_a_wing_never_imports_what_it_must_not_need(wing, forbidden):
         text=True,
         check=True,
     )
-    assert json.loads(done.stdout) == {}, f"{wing} modules pull in {', '.join(forbidden)}"
+    found = json.loads(done.stdout)
+    assert found == {}, "; ".join(
+        f"{chain[0]} imports {package} (reached through {' <- '.join(chain[1:]) or 'itself'})"
+        for package, chain in found.items()
+    )
 
 
 def _imports(path: Path, module: str) -> set[str]:
