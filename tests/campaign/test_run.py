@@ -22,6 +22,23 @@ def test_help_runs_as_a_script():
     assert "--list-sites MODEL" in done.stdout
 
 
+def test_the_script_alone_runs_from_another_folder(tmp_path):
+    """What ``ray submit`` does: it copies only campaign/run.py to the head node and runs it
+    there, so the script must import the installed package, not its neighbours."""
+    alone = tmp_path / "run.py"
+    alone.write_text((ROOT / "campaign" / "run.py").read_text())
+    (tmp_path / "campaign").mkdir()  # a neighbour that would shadow the package
+    (tmp_path / "campaign" / "__init__.py").write_text("raise SystemExit('neighbour imported')\n")
+    done = subprocess.run(
+        [sys.executable, str(alone), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--list-sites MODEL" in done.stdout
+
+
 def test_list_sites_prints_the_table(capsys):
     assert (
         main(
