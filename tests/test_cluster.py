@@ -28,4 +28,4 @@ def test_shipped_specs_load():
     assert paths
     for path in paths:
         spec = load_spec(path)
-        assert spec.model_entries() and spec.output
+        assert spec.models and spec.output
