@@ -61,7 +61,7 @@ def main() -> None:
         spec = CampaignSpec.parse({**base, "name": "bare"})
         checked = validate(spec)
         loaded, sites = checked.models, checked.sites
-        images = select_images(spec, loaded)
+        images = select_images(spec, loaded, checked.data)
         plan = make_plan(spec, sites, len(images.indices))
         from campaign.faults.engine import Engine
 

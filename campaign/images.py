@@ -1,20 +1,27 @@
 """The campaign's images and golden tables, chosen and computed once by the driver: every model
 of a campaign is tested on the same images, and every trial row refers to them by their index in
-the validation split."""
+the validation split.
+
+The images come from the models' own training data config (data set, split seed, image size,
+normalisation), never from library defaults: a model trained with another split seed would
+otherwise be tested on images it trained on, and one trained at another size at the wrong
+resolution. Models trained on different data configs cannot share a campaign."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import torch
 
-from bitstorm.errors import DataError
+from bitstorm.errors import ConfigError, DataError
 from bitstorm.metrics import top2diff
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA
-from trainers.checkpoint import load_checkpoint, read_manifest
-from trainers.data import build_data
+from trainers.checkpoint import load_checkpoint
+from trainers.data import DataBundle, DataConfig
 
 
 @dataclass(frozen=True)
@@ -30,18 +37,36 @@ def load_models(spec: CampaignSpec) -> dict[str, torch.nn.Module]:
     return {m.name: load_checkpoint(m.checkpoint)[0] for m in spec.models}
 
 
-def campaign_dataset(spec: CampaignSpec) -> str:
-    """The spec's data set, else the first checkpoint's (from its manifest: no weights read)."""
-    if spec.dataset:
-        return spec.dataset
-    return read_manifest(spec.models[0].checkpoint)["config"]["dataset"]
+def campaign_data(spec: CampaignSpec, checkpoints: dict[str, dict[str, Any]]) -> DataBundle:
+    """The data every model of the campaign trained on, rebuilt from their checkpoint manifests
+    under ``spec.data_root``; refused before any work when the models' data configs differ, or
+    when ``spec.dataset`` names another data set."""
+    configs = {name: DataConfig.of(manifest["config"]) for name, manifest in checkpoints.items()}
+    if len(set(configs.values())) > 1:
+        listed = "; ".join(
+            f"{name}: {', '.join(f'{k}={v}' for k, v in dataclasses.asdict(c).items())}"
+            for name, c in configs.items()
+        )
+        raise ConfigError(
+            f"models: their training data differ ({listed}); a campaign tests every model on "
+            "the same images, so run one campaign per data config"
+        )
+    config = next(iter(configs.values()))
+    if spec.dataset and spec.dataset != config.dataset:
+        raise ConfigError(
+            f"dataset: {spec.dataset!r}, but the models were trained on {config.dataset!r}; "
+            "leave dataset out to test on the models' own validation split"
+        )
+    return config.build(spec.data_root)
 
 
-def select_images(spec: CampaignSpec, models: dict[str, torch.nn.Module]) -> CampaignImages:
-    """``spec.images`` images of the validation split in a seeded order; with
+def select_images(
+    spec: CampaignSpec, models: dict[str, torch.nn.Module], data: DataBundle
+) -> CampaignImages:
+    """``spec.images`` images of ``data``'s validation split in a seeded order; with
     ``golden_correct_only``, only those that every model classifies correctly (the paper's
     protocol: a fault can only corrupt a correct answer)."""
-    val = build_data(campaign_dataset(spec), spec.data_root).val
+    val = data.val
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(spec.image_seed))
     chosen: list[int] = []
     kept_images, kept_labels = [], []
@@ -84,11 +109,3 @@ def golden_table(model: torch.nn.Module, images: CampaignImages) -> pa.Table:
         },
         schema=GOLDEN_SCHEMA,
     )
-
-
-def example_shape(spec: CampaignSpec) -> tuple[int, ...]:
-    """The shape of one campaign image: what fault sites are probed with."""
-    dataset = campaign_dataset(spec)
-    if dataset in ("digits", "synthetic", "cifar10", "cifar100"):
-        return (3, 32, 32)
-    return tuple(build_data(dataset, spec.data_root).val[0][0].shape)

@@ -21,13 +21,20 @@ from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
 from campaign.analysis.results import results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
-from campaign.images import CampaignImages, example_shape, golden_table, load_models, select_images
+from campaign.images import (
+    CampaignImages,
+    campaign_data,
+    golden_table,
+    load_models,
+    select_images,
+)
 from campaign.plan import Shard, make_plan
 from campaign.pool import ShardPool
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
 from campaign.store import Store
 from trainers.checkpoint import read_manifest, verify_embeddings
+from trainers.data import DataBundle
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ class CheckedCampaign:
     checkpoints: dict[str, dict[str, Any]]
     models: dict[str, torch.nn.Module]
     sites: dict[str, list[LayerSite]]
+    data: DataBundle  # what the models trained on: the campaign's images come from its split
 
     @property
     def model_ids(self) -> dict[str, str]:
@@ -60,8 +68,8 @@ def validate(spec: CampaignSpec) -> CheckedCampaign:
                 verify_embeddings(checkpoints[entry.name], entry.embeddings)
             except DataError as error:
                 raise ConfigError(f"models[{entry.name}].embeddings: {error}") from None
+    data = campaign_data(spec, checkpoints)
     models = load_models(spec)
-    example = example_shape(spec)
     sites = {}
     for name, model in models.items():
         names = select_layers(model, types=spec.layer_types)
@@ -72,10 +80,14 @@ def validate(spec: CampaignSpec) -> CheckedCampaign:
                     f"model {name!r} (e.g. {', '.join(list(names)[:4])})"
                 )
         space = find_sites(
-            model, example, types=spec.layer_types, include=spec.layers, exclude=spec.exclude_layers
+            model,
+            data.image_shape,
+            types=spec.layer_types,
+            include=spec.layers,
+            exclude=spec.exclude_layers,
         )
         sites[name] = list(space)
-    return CheckedCampaign(checkpoints, models, sites)
+    return CheckedCampaign(checkpoints, models, sites, data)
 
 
 def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = True) -> Store:
@@ -91,7 +103,7 @@ def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = Tr
             f"{store.root} holds results of a different campaign spec; pass "
             "--fresh to replace them, or choose another name or output"
         )
-    images = select_images(spec, checked.models)
+    images = select_images(spec, checked.models, checked.data)
     for name, model in checked.models.items():
         path = store.golden_path(name)
         if not store.exists(path):

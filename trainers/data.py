@@ -8,8 +8,10 @@ resize and centre crop for evaluation, ImageNet normalisation for the large-imag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,38 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What decides which images a model trained on and how they look: the data set, its
+    train/validation split seed, image size and (through the split) normalisation. A campaign
+    rebuilds exactly this, so it tests on images the model never trained on, as it saw them."""
+
+    dataset: str
+    image_size: int | None = None
+    seed: int = 0
+    synthetic_size: int = 512
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> DataConfig:
+        """The data config of a training config (a ``TrainConfig`` as a mapping)."""
+        return cls(
+            config["dataset"],
+            config.get("image_size"),
+            config.get("seed", 0),
+            config.get("synthetic_size", 512),
+        )
+
+    def build(self, root: str | Path = "data", *, download: bool = False) -> DataBundle:
+        return build_data(
+            self.dataset,
+            root,
+            download=download,
+            image_size=self.image_size,
+            seed=self.seed,
+            synthetic_size=self.synthetic_size,
+        )
 
 
 def build_data(

@@ -1,12 +1,60 @@
-"""Campaign images: a campaign whose images all fail selection says so, instead of a traceback."""
+"""Campaign images: the models' own data (split seed, image size, normalisation), models trained
+on different data refused before any work, and a campaign whose images all fail selection says
+so instead of a traceback."""
 
 import pytest
 import torch
 from torch import nn
 
-from bitstorm.errors import DataError
+from bitstorm.errors import ConfigError, DataError
 from campaign.images import select_images
+from campaign.runner import validate
 from campaign.spec import CampaignSpec
+from trainers.checkpoint import save_checkpoint
+from trainers.config import TrainConfig
+from trainers.data import build_data, dataset_class_names, digits
+from trainers.models import build_model
+
+
+def _checkpoint(folder, **data) -> str:
+    cfg = TrainConfig(backbone="tiny_cnn", head="linear", dataset="digits", **data)
+    model = build_model("tiny_cnn", "linear", 10, seed=1)
+    names = dataset_class_names("digits")
+    return str(save_checkpoint(folder, model, cfg, epoch=1, history=[], class_names=names))
+
+
+def _spec(tmp_path, checkpoints, **fields) -> CampaignSpec:
+    models = [{"name": f"m{i}", "checkpoint": c} for i, c in enumerate(checkpoints)]
+    settings = {"images": 16, "golden_correct_only": False, "output": str(tmp_path / "out")}
+    return CampaignSpec.parse({"models": models, **settings, **fields})
+
+
+def test_images_come_from_the_checkpoints_own_split_and_size(tmp_path):
+    """A model trained on digits at 24x24 with split seed 7: the campaign's images are its own
+    validation images, at 24x24, normalised as in training; none of them is a training image."""
+    spec = _spec(tmp_path, [_checkpoint(tmp_path / "ckpt", seed=7, image_size=24)])
+    checked = validate(spec)
+    images = select_images(spec, checked.models, checked.data)
+    assert images.images.shape[1:] == (3, 24, 24)
+    assert checked.data.image_shape == (3, 24, 24)
+    own = digits(seed=7, image_size=24)
+    val = torch.stack([own.val[i][0] for i in images.indices])
+    assert torch.equal(images.images, val)
+    train = torch.stack([own.train[i][0] for i in range(len(own.train))]).flatten(1)
+    assert not (torch.cdist(images.images.flatten(1), train) == 0).any()
+    assert [int(own.val[i][1]) for i in images.indices] == images.labels.tolist()
+
+
+def test_models_trained_on_different_data_are_refused_before_any_work(tmp_path):
+    first = _checkpoint(tmp_path / "a", seed=0)
+    other_seed = _checkpoint(tmp_path / "b", seed=3)
+    with pytest.raises(
+        ConfigError, match=r"their training data differ .*m1: dataset=digits.*seed=3"
+    ):
+        validate(_spec(tmp_path, [first, other_seed]))
+    with pytest.raises(ConfigError, match="trained on 'digits'"):
+        validate(_spec(tmp_path, [first], dataset="synthetic"))
+    assert not (tmp_path / "out").exists()
 
 
 class NeverRight(nn.Module):
@@ -18,18 +66,10 @@ class NeverRight(nn.Module):
         return logits
 
 
-def test_no_qualifying_image_is_a_data_error_that_says_what_to_do():
-    spec = CampaignSpec.parse(
-        {"models": [{"name": "m", "checkpoint": "/nonexistent"}], "dataset": "digits", "images": 8}
-    )
+def test_no_qualifying_image_is_a_data_error_that_says_what_to_do(tmp_path):
+    data = build_data("digits")
+    spec = _spec(tmp_path, ["/nonexistent"], golden_correct_only=True, images=8)
     with pytest.raises(DataError, match="golden_correct_only: false"):
-        select_images(spec, {"m": NeverRight()})
-    relaxed = CampaignSpec.parse(
-        {
-            "models": [{"name": "m", "checkpoint": "/nonexistent"}],
-            "dataset": "digits",
-            "images": 8,
-            "golden_correct_only": False,
-        }
-    )
-    assert len(select_images(relaxed, {"m": NeverRight()}).indices) == 8
+        select_images(spec, {"m0": NeverRight()}, data)
+    relaxed = _spec(tmp_path, ["/nonexistent"], images=8)
+    assert len(select_images(relaxed, {"m0": NeverRight()}, data).indices) == 8

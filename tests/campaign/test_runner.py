@@ -78,7 +78,7 @@ def _trials(output):
 
 def _planned(spec):
     checked = validate(spec)
-    images = select_images(spec, checked.models)
+    images = select_images(spec, checked.models, checked.data)
     return make_plan(spec, checked.sites, len(images.indices)), images, checked.models
 
 
