@@ -7,8 +7,10 @@
 The engine owns its own copy of the model (in eval mode, on its device), traced once with
 torch.fx; the caller's model is never moved, switched to eval or edited. It picks, per group,
 the fastest exact evaluator (campaign.faults.evaluators): the suffix after the faulty layer,
-a weight edited in place, or hooks for models fx cannot trace (``Engine.mode`` says which). A
-final Linear needs no forward at all (campaign.faults.analytic, ``sweep_layer``).
+a weight edited in place (and only the graph from where it meets the images run again), or
+hooks for models fx cannot trace (``Engine.mode``) and layers with no node of their own
+(``Engine.evaluator`` says which, per kind and layer). A final Linear needs no forward at all
+(campaign.faults.analytic, ``sweep_layer``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from campaign.faults.analytic import GoldenLogits, final_linear_outcomes, final_
 from campaign.faults.bits import format_width
 from campaign.faults.evaluators import Setting, run_suffixes, run_weight_edits, run_with_hooks
 from campaign.faults.golden import GoldenCache
-from campaign.faults.graph import TracedModel, cached_nodes
+from campaign.faults.graph import Cut, TracedModel, cached_nodes
 from campaign.faults.inject import Injector, weight_delta_applies
 from campaign.faults.sites import activation_peaks, find_sites
 from campaign.faults.trials import KINDS, Outcomes, TrialGroup
@@ -72,8 +74,9 @@ class Engine:
             cache_bytes,
         )
         self.traced: TracedModel | None
+        layers = [self.model.get_submodule(name) for name in self.sites]
         try:
-            self.traced = TracedModel(self.model, example[:2].to(self.device))
+            self.traced = TracedModel(self.model, example[:2].to(self.device), layers)
             self.mode = "suffix"
         except Exception as error:
             log.warning(
@@ -117,9 +120,11 @@ class Engine:
         cuts = [
             self.traced.cut(layer, call)
             for layer in layers
+            if self._has_cuts(layer)
             for call in range(self.sites[layer].calls)
-            if self.traced is not None and layer in self.traced.calls
         ]
+        if "weight" in kinds:
+            cuts += [cut for cut in map(self._edit_cut, layers) if cut is not None]
         if not cuts:
             return cache
         wanted = cached_nodes((cut, "weight" in kinds) for cut in cuts)
@@ -150,13 +155,12 @@ class Engine:
         suffix_work = []
         with torch.no_grad():
             for position, group in enumerate(groups):
-                site = self.sites[group.layer]
-                module = self.model.get_submodule(site.name)
+                evaluator = self.evaluator(group.kind, group.layer)
                 if len(group) == 0:
                     results[position] = Outcomes.empty()
-                elif group.kind == "weight" and not weight_delta_applies(module, site.calls):
+                elif evaluator == "weight edit" and self._edit_cut(group.layer) is None:
                     results[position] = run_weight_edits(self._setting, cache, group)
-                elif self.traced is None:
+                elif evaluator == "hooks":
                     results[position] = run_with_hooks(self._setting, cache, group)
                 else:
                     suffix_work.append((position, group))
@@ -166,6 +170,19 @@ class Engine:
                 ):
                     results[position] = outcome
         return results  # type: ignore[return-value]
+
+    def evaluator(self, kind: str, layer: str) -> str:
+        """How ``run`` evaluates faults of ``kind`` in ``layer`` (campaign.faults.evaluators):
+        ``"suffix"``, ``"weight edit"`` (a weight the delta rule does not cover: other layer
+        types, subclasses with their own forward, modules run several times or never) or
+        ``"hooks"`` (a model fx cannot trace, or a layer without a node of its own in the
+        traced graph, such as one inside a torch.nn module torch.fx keeps whole)."""
+        site = self.sites[layer]
+        if kind == "weight" and not weight_delta_applies(
+            self.model.get_submodule(layer), site.calls
+        ):
+            return "weight edit"
+        return "suffix" if self._has_cuts(layer) else "hooks"
 
     def sweep_layer(
         self,
@@ -210,6 +227,20 @@ class Engine:
                 yield group, self.run(cache, group)
 
     # ------------------------------------------------------------------------------ internals
+
+    def _has_cuts(self, layer: str) -> bool:
+        """Whether every call of ``layer`` is a node of the traced graph (so has a suffix)."""
+        calls = self.sites[layer].calls
+        return (
+            self.traced is not None and calls > 0 and len(self.traced.calls.get(layer, ())) == calls
+        )
+
+    def _edit_cut(self, layer: str) -> Cut | None:
+        """For a weight the engine edits in place: the part of the graph from its first reader
+        on (None without a traced graph, or where no node reads it)."""
+        if self.traced is None or self.evaluator("weight", layer) != "weight edit":
+            return None
+        return self.traced.edit_cut(layer, self.model.get_submodule(layer).weight)
 
     def _peak(self, cache: GoldenCache, group: TrialGroup) -> float | None:
         if not self._setting.injector.needs_peak(group):

@@ -2,17 +2,19 @@
 
 - suffix: the fault changes the cached output of its layer (a flipped element, or a weight's
   delta), then only the suffix after the layer runs, many trials per forward;
-- weight edits: a weight the delta rule does not cover (other layer types, modules run several
-  times or never) is edited in place for one full forward over its trials' images;
-- hooks: for a model torch.fx cannot trace, a forward hook changes the layer's output, one full
-  forward per trial batch.
+- weight edits: a weight the delta rule does not cover (other layer types, subclasses that
+  compute otherwise, modules run several times or never) is edited in place for one run, over
+  its trials' images, of the graph from where the values it changes meet the images (an edit
+  cut; the full forward where the model has no traced graph);
+- hooks: for a model torch.fx cannot trace (or a layer with no node of its own in the traced
+  graph), a forward hook changes the layer's output, one full forward per trial batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from bitstorm.errors import ConfigError
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
-from campaign.faults.inject import Injector
+from campaign.faults.inject import Injector, weight_delta_applies
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import Outcomes, TrialGroup, outcomes_of
 
@@ -51,9 +53,18 @@ def run_suffixes(
 ) -> list[tuple[int, Outcomes]]:
     """All suffix-path groups (position, group): image chunk by image chunk (the golden values
     from the cache where resident, else one golden pass per chunk within ``cache_bytes``), then
-    trial batch by trial batch."""
+    trial batch by trial batch. Groups at the same cut (a layer's weight and neuron faults, or
+    several formats) share their batches: one suffix forward serves them all."""
     plans = []  # (position, trial positions in group, sub-group, cut)
     for position, group in work:
+        module = setting.model.get_submodule(group.layer)
+        if group.kind == "weight" and not weight_delta_applies(
+            module, setting.sites[group.layer].calls
+        ):  # the engine sends such a weight here only where it has an edit cut
+            edit = traced.edit_cut(group.layer, module.weight)
+            assert edit is not None
+            plans.append((position, torch.arange(len(group)), group, edit))
+            continue
         calls, offsets = _neuron_calls(setting.sites[group.layer], group)
         for call in calls.unique().tolist():
             chosen = (calls == call).nonzero().flatten()
@@ -77,14 +88,29 @@ def run_suffixes(
             )
             values = dict(zip(wanted, computed, strict=True))
         top1 = cache.top1[start : start + chunk]
-        for position, chosen, sub, cut in plans:
-            in_chunk = ((sub.image >= start) & (sub.image < start + chunk)).nonzero().flatten()
-            if len(in_chunk) == 0:
+        at_cut: dict[int, list[tuple[tuple, torch.Tensor]]] = defaultdict(list)
+        for plan in plans:
+            image = plan[2].image
+            in_chunk = ((image >= start) & (image < start + chunk)).nonzero().flatten()
+            if len(in_chunk):
+                at_cut[id(plan[3])].append((plan, in_chunk))
+        for members in at_cut.values():
+            cut = members[0][0][3]
+            if cut.node is None:  # an edit: one forward per distinct fault in any case
+                for (position, chosen, sub, _), in_chunk in members:
+                    for part in in_chunk.split(setting.batch_size):
+                        batch = sub.subset(part, image_offset=start)
+                        outcome = _evaluate_edit(setting, batch, cut, values, top1)
+                        parts[position].append((chosen[part], outcome))
                 continue
-            for part in in_chunk.split(setting.batch_size):
-                batch = sub.subset(part, image_offset=start)
-                outcome = _evaluate(setting, batch, cut, values, top1, peaks[position])
-                parts[position].append((chosen[part], outcome))
+            for batch in _packed(members, setting.batch_size):
+                pieces = [
+                    (sub.subset(part, image_offset=start), peaks[position])
+                    for (position, _, sub, _), part in batch
+                ]
+                outcomes = _evaluate(setting, pieces, cut, values, top1)
+                for ((position, chosen, _, _), part), outcome in zip(batch, outcomes, strict=True):
+                    parts[position].append((chosen[part], outcome))
     results = []
     for position, pieces in parts.items():
         order = torch.cat([p[0] for p in pieces])
@@ -94,23 +120,65 @@ def run_suffixes(
     return results
 
 
+def _packed(members: list[tuple[tuple, torch.Tensor]], size: int) -> Iterator[list]:
+    """Batches of at most ``size`` trials over the plans of one cut: (plan, positions) each."""
+    batch: list[tuple[tuple, torch.Tensor]] = []
+    room = size
+    for plan, positions in members:
+        while len(positions):
+            batch.append((plan, positions[:room]))
+            positions = positions[room:]
+            room -= len(batch[-1][1])
+            if room == 0:
+                yield batch
+                batch, room = [], size
+    if batch:
+        yield batch
+
+
 def _evaluate(
+    setting: Setting,
+    pieces: list[tuple[TrialGroup, float | None]],
+    cut: Cut,
+    values: dict[fx.Node, torch.Tensor],
+    golden_top1: torch.Tensor,
+) -> list[Outcomes]:
+    """One suffix forward for the trials of ``pieces`` (groups at ``cut``, each with its
+    profiled peak): each piece's faults change its own rows of the cached layer output."""
+    image = torch.cat([group.image for group, _ in pieces]).to(setting.device)
+    layer_out = values[cut.node].index_select(0, image)
+    weight = any(group.kind == "weight" for group, _ in pieces)
+    layer_input = values[cut.node.args[0]].index_select(0, image) if weight else None
+    changes, offset = [], 0
+    for group, peak in pieces:
+        rows = slice(offset, offset + len(group))
+        inputs = layer_input[rows] if group.kind == "weight" else None
+        changes.append(setting.injector.apply(group, layer_out[rows], inputs, peak))
+        offset += len(group)
+    externals = [values[node].index_select(0, image) for node in cut.externals]
+    logits = cut.suffix(layer_out, *externals).float()
+    outcomes, offset = [], 0
+    for (group, _), (before, after) in zip(pieces, changes, strict=True):
+        rows = slice(offset, offset + len(group))
+        outcomes.append(outcomes_of(logits[rows], golden_top1[image[rows]], before, after))
+        offset += len(group)
+    return outcomes
+
+
+def _evaluate_edit(
     setting: Setting,
     group: TrialGroup,
     cut: Cut,
     values: dict[fx.Node, torch.Tensor],
     golden_top1: torch.Tensor,
-    peak: float | None,
 ) -> Outcomes:
-    image = group.image.to(setting.device)
-    layer_out = values[cut.node].index_select(0, image)
-    layer_input = (
-        values[cut.node.args[0]].index_select(0, image) if group.kind == "weight" else None
-    )
-    before, after = setting.injector.apply(group, layer_out, layer_input, peak)
-    externals = [values[node].index_select(0, image) for node in cut.externals]
-    logits = cut.suffix(layer_out, *externals).float()
-    return outcomes_of(logits, golden_top1[image], before, after)
+    """The weight edited in place for one run of the edit cut's suffix per distinct fault."""
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        rows = images.to(setting.device)
+        return cut.suffix(*[values[node].index_select(0, rows) for node in cut.externals])
+
+    return _each_fault(setting, group, golden_top1, logits_of)
 
 
 def _neuron_calls(site: LayerSite, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +225,28 @@ def run_with_hooks(setting: Setting, cache: GoldenCache, group: TrialGroup) -> O
 
 
 def run_weight_edits(setting: Setting, cache: GoldenCache, group: TrialGroup) -> Outcomes:
-    """The weight edited in place for one forward over the images of each distinct fault."""
+    """The weight edited in place for one full forward over the images of each distinct fault
+    (where no edit cut applies: a model fx cannot trace, a weight no graph node reads)."""
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                setting.model(cache.images[part].to(setting.device))
+                for part in images.split(setting.batch_size)
+            ]
+        )
+
+    return _each_fault(setting, group, cache.top1, logits_of)
+
+
+def _each_fault(
+    setting: Setting,
+    group: TrialGroup,
+    golden_top1: torch.Tensor,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+) -> Outcomes:
+    """Outcomes of ``group``'s weight faults: per distinct (weight, bit), the weight edited in
+    place, ``logits_of(image indices)`` for that fault's trials, the weight restored."""
     weight = setting.model.get_submodule(group.layer).weight
     before, after = setting.injector.weight_values(group)
     faults = torch.stack([group.index, group.bit], dim=1)
@@ -170,15 +259,10 @@ def run_weight_edits(setting: Setting, cache: GoldenCache, group: TrialGroup) ->
         original = flat[element].clone()
         flat[element] = after[chosen[0]]
         try:
-            logits = torch.cat(
-                [
-                    setting.model(cache.images[part].to(setting.device)).float()
-                    for part in group.image[chosen].split(setting.batch_size)
-                ]
-            )
+            logits = logits_of(group.image[chosen]).float()
         finally:
             flat[element] = original
         image = group.image[chosen].to(setting.device)
-        results.append(outcomes_of(logits, cache.top1[image], before[chosen], after[chosen]))
+        results.append(outcomes_of(logits, golden_top1[image], before[chosen], after[chosen]))
         order.append(chosen)
     return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from campaign.faults.bits import flip, int8_scale, quantize
+from campaign.faults.graph import computes_as
 from campaign.faults.trials import TrialGroup
 
 
@@ -79,9 +80,14 @@ class Injector:
 
 def weight_delta_applies(module: nn.Module, calls: int) -> bool:
     """Whether a weight fault of ``module`` (run ``calls`` times per forward) can be a delta on
-    its cached output; else the weight is edited in place for a full forward."""
-    supported = isinstance(module, nn.Linear) or (
-        isinstance(module, nn.Conv2d)
+    its cached output; else the weight is edited in place for a forward.
+
+    The delta rule is the arithmetic of ``nn.Linear`` and ``nn.Conv2d`` themselves, so a subclass
+    that computes its output otherwise (timm's ``StdConv2d`` standardises the whole weight first,
+    ``Conv2dSame`` pads its input inside the forward) takes the edit as well.
+    """
+    supported = computes_as(module, nn.Linear) or (
+        computes_as(module, nn.Conv2d)
         and module.padding_mode == "zeros"
         and isinstance(module.padding, tuple)
     )

@@ -12,11 +12,11 @@ import torchvision
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.faults.bits import FORMATS, flip
 from campaign.faults.analytic import final_linear_scale
+from campaign.faults.bits import FORMATS, flip
 from campaign.faults.engine import Engine
-from campaign.faults.trials import Outcomes, TrialGroup
 from campaign.faults.reference import Trial, reference_logits
+from campaign.faults.trials import Outcomes, TrialGroup
 from trainers.models import build_model
 
 from .test_sites import SharedConv
