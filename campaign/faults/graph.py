@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,17 +99,8 @@ class TracedModel:
         computed from a weight meet the images (Swin's attention call for its ``qkv``, ``proj``
         and position-bias MLP weights alike). Everything before them that the weight changes
         is a constant, recomputed in the suffix."""
-        found: set[fx.Node] = set()
-        seen: set[fx.Node] = set()
-        stack = list(nodes)
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                if node in self.input_dependent:
-                    found.add(node)
-                else:
-                    stack.extend(node.users)
+        meets = self.input_dependent.__contains__
+        found = {n for n in reachable_from(nodes, stop=meets) if meets(n)}
         later = set().union(*(reachable_from(list(n.users)) for n in found)) if found else set()
         return tuple(n for n in self.module.graph.nodes if n in found and n not in later)
 
@@ -163,15 +154,19 @@ def _trace_keeping(model: nn.Module, layers: Collection[nn.Module]) -> fx.GraphM
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-def reachable_from(starts: Sequence[fx.Node]) -> set[fx.Node]:
-    """Every node that depends on one of ``starts`` (the starts included)."""
+def reachable_from(
+    starts: Sequence[fx.Node], stop: Callable[[fx.Node], bool] | None = None
+) -> set[fx.Node]:
+    """Every node that depends on one of ``starts`` (the starts included); with ``stop``, the
+    walk goes no further than a node for which it is true (that node included)."""
     seen: set[fx.Node] = set()
     stack = list(starts)
     while stack:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(node.users)
+            if stop is None or not stop(node):
+                stack.extend(node.users)
     return seen
 
 

@@ -11,15 +11,16 @@ from campaign.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_help_runs_as_a_script():
+def _help(script, cwd) -> str:
+    """``script --help`` run as a user runs it; its stdout."""
     done = subprocess.run(
-        [sys.executable, "campaign/run.py", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, str(script), "--help"], cwd=cwd, capture_output=True, text=True, check=True
     )
-    assert "--list-sites MODEL" in done.stdout
+    return done.stdout
+
+
+def test_help_runs_as_a_script():
+    assert "--list-sites MODEL" in _help("campaign/run.py", ROOT)
 
 
 def test_the_script_alone_runs_from_another_folder(tmp_path):
@@ -29,14 +30,7 @@ def test_the_script_alone_runs_from_another_folder(tmp_path):
     alone.write_text((ROOT / "campaign" / "run.py").read_text())
     (tmp_path / "campaign").mkdir()  # a neighbour that would shadow the package
     (tmp_path / "campaign" / "__init__.py").write_text("raise SystemExit('neighbour imported')\n")
-    done = subprocess.run(
-        [sys.executable, str(alone), "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "--list-sites MODEL" in done.stdout
+    assert "--list-sites MODEL" in _help(alone, tmp_path)
 
 
 def test_list_sites_prints_the_table(capsys):
