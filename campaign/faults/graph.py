@@ -41,6 +41,9 @@ class Cut:
     externals: tuple[fx.Node, ...]  # batch-valued values from before the cut, in suffix order
 
 
+PROBE_IMAGES = 5
+
+
 class TracedModel:
     """A model traced once, with the cuts and golden modules made from it so far (each made
     once: a campaign asks for the same cut shard after shard)."""
@@ -57,8 +60,18 @@ class TracedModel:
         # constants at their defaults.
         self.image = next(n for n in self.module.graph.nodes if n.op == "placeholder")
         self.input_dependent = reachable_from([self.image])
-        with torch.no_grad():  # records which nodes produce tensors
-            ShapeProp(self.module).propagate(example)
+        # Which nodes produce tensors, and which of those have one row per image: a probe of
+        # PROBE_IMAGES copies of one image, a count no stack of keys and values (2) or of
+        # queries, keys and values (3) shares. Swin's windows ([images x windows, ...]) are not
+        # batched by image, so no suffix takes them from the cache: it recomputes them.
+        probe = example[:1].expand(PROBE_IMAGES, *example.shape[1:]).clone()
+        with torch.no_grad():
+            ShapeProp(self.module).propagate(probe)
+        self.batched = {
+            n
+            for n in self.input_dependent
+            if _is_tensor(n) and n.meta["tensor_meta"].shape[:1] == (PROBE_IMAGES,)
+        }
         self._cuts: dict[tuple[str, int], Cut] = {}
         self._edit_cuts: dict[str, Cut | None] = {}
         self._edits_from: dict[tuple[fx.Node, ...], Cut] = {}
@@ -71,7 +84,7 @@ class TracedModel:
         key = (layer, call)
         if key not in self._cuts:
             node = self.calls[layer][call]
-            suffix, externals = suffix_module(self.module, node, self.input_dependent)
+            suffix, externals = suffix_module(self.module, node, self.batched)
             self._cuts[key] = Cut(node, fold_batchnorm(suffix, self._folded), externals)
         return self._cuts[key]
 
@@ -87,9 +100,7 @@ class TracedModel:
                 self._edit_cuts[layer] = None
             else:  # weights that first meet the images at the same nodes share one cut
                 if starts not in self._edits_from:
-                    suffix, externals = suffix_module(
-                        self.module, None, self.input_dependent, starts
-                    )
+                    suffix, externals = suffix_module(self.module, None, self.batched, starts)
                     self._edits_from[starts] = Cut(None, suffix, externals)
                 self._edit_cuts[layer] = self._edits_from[starts]
         return self._edit_cuts[layer]
@@ -188,16 +199,18 @@ def readers(gm: fx.GraphModule, weight: torch.Tensor) -> list[fx.Node]:
 def suffix_module(
     gm: fx.GraphModule,
     cut: fx.Node | None,
-    input_dependent: set[fx.Node],
+    batched: set[fx.Node],
     starts: Sequence[fx.Node] = (),
 ) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:
     """A GraphModule computing the logits from ``cut``'s value and the *externals*: tensors from
-    before the cut, with a batch dimension, that the nodes depending on ``cut`` use (cached per
-    image). Constants (parameters, expressions of them) and non-tensor values from before the
-    cut (``x.shape[0]`` and friends, which must follow the trial batch) are recomputed inside;
-    where such a value is computed from the image input itself (ViT's ``n, c, h, w = x.shape``),
-    the image becomes an external. With ``cut`` None, the nodes ``starts`` and all that depend
-    on them are recomputed, from the externals alone (an edit cut)."""
+    before the cut with one row per image (``batched``) that the nodes depending on ``cut`` use
+    (cached per image). Everything else from before the cut is recomputed inside: constants
+    (parameters, expressions of them), non-tensor values (``x.shape[0]`` and friends, which
+    must follow the trial batch) and image-dependent tensors laid out otherwise (Swin's windows,
+    ``[images x windows, ...]``), from the batched values they are computed from; where such a
+    value comes from the image input itself (ViT's ``n, c, h, w = x.shape``), the image becomes
+    an external. With ``cut`` None, the nodes ``starts`` and all that depend on them are
+    recomputed, from the externals alone (an edit cut)."""
     dependent = reachable_from([cut] if cut is not None else starts)
     copied: set[fx.Node] = {n for n in dependent if n is not cut}
     externals: set[fx.Node] = set()
@@ -206,11 +219,10 @@ def suffix_module(
         node = stack.pop()
         if node is cut or node in copied or node in externals:
             continue
-        if node.op == "placeholder":
-            if node in input_dependent:  # the image input, needed by a recomputed value
-                externals.add(node)
-        elif node in input_dependent and _is_tensor(node):
+        if node in batched:  # the image input itself where a recomputed value needs it
             externals.add(node)
+        elif node.op == "placeholder":  # an optional input: its default (below)
+            continue
         else:
             copied.add(node)
             stack.extend(node.all_input_nodes)

@@ -22,7 +22,7 @@ from torch import nn
 
 from bitstorm.errors import ConfigError
 from campaign.faults.bits import flip, format_width, int8_scale
-from campaign.faults.sites import LayerSite, activation_peaks, eval_mode, find_sites, hooked_outputs
+from campaign.faults.sites import LayerSite, activation_peaks, eval_mode, find_sites
 from campaign.faults.trials import KINDS
 
 Kind = Literal["weight", "neuron"]  # campaign.faults.trials.KINDS
@@ -206,20 +206,30 @@ class _BitFlipInjector(core.fault_injection):
         )
 
     def _neuron_layer_number(self, module: nn.Module) -> int:
-        """pytorchfi's neuron layer number of ``module``: its place in hook call order."""
+        """pytorchfi's neuron layer number of ``module``: its place in hook call order.
+
+        pytorchfi hooks every leaf of the layer types once per *parent that holds it*, walking
+        ``children()``: a module shared between blocks (CoaT's convolutional position
+        encodings) is hooked, and counted, once per holder at every call. The order is recorded
+        with hooks placed the same way, so the numbering is pytorchfi's own.
+        """
         if self._call_order is None:
-            leaves = {
-                name: m
-                for name, m in self._model.named_modules()
-                if not list(m.children()) and isinstance(m, tuple(self.get_inj_layer_types()))
-            }
             order: list[nn.Module] = []
-            with hooked_outputs(leaves, lambda name, _out: order.append(leaves[name])):
+            handles = [
+                leaf.register_forward_hook(lambda m, _inputs, _output: order.append(m))
+                for leaf in _pytorchfi_leaves(self._model, tuple(self.get_inj_layer_types()))
+            ]
+            try:
                 self._model(self._images[:1])
+            finally:
+                for handle in handles:
+                    handle.remove()
             assert len(order) == self.get_total_layers(), "pytorchfi saw other layers than we did"
             self._call_order = order
-        # Only the target must be called once; other modules of its type may be called repeatedly.
-        return _position(self._call_order, module)
+        # Only the target must be called once; other modules of its type may be called
+        # repeatedly. A shared target is hooked once per holder: pytorchfi's counter is at its
+        # first hook when it injects, and the later hooks of the same call leave it be.
+        return self._call_order.index(module)
 
     def _flip_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         """pytorchfi neuron hook: flip each batch element's declared element in this layer."""
@@ -257,6 +267,18 @@ class PytorchfiBatched:
         module = self.model.get_submodule(trial.layer)
         with torch.no_grad():
             return self.injector.corrupt_weight(module, _site(self.sites, trial), trial)(images)
+
+
+def _pytorchfi_leaves(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[nn.Module]:
+    """The modules pytorchfi hooks, in its order, once per holder: leaves of ``types`` reached
+    through ``children()`` (pytorchfi's ``_traverse_model_set_hooks``)."""
+    found = []
+    for child in model.children():
+        if list(child.children()):
+            found += _pytorchfi_leaves(child, types)
+        elif isinstance(child, types):
+            found.append(child)
+    return found
 
 
 def _position(modules: list[nn.Module], module: nn.Module) -> int:

@@ -190,8 +190,9 @@ def find_sites(
             note, shapes = "its output is not a single tensor", ()
         elif name in unbatched:
             note, shapes = (
-                "its output has no image dimension (e.g. Swin-V2's position-bias table, shared "
-                "by every image): weight faults only",
+                "its output has no image dimension (its first dimension is not one row per "
+                "image: a table every image shares, as Swin-V2's position bias, or the windows "
+                "of several images stacked, as in timm's Swin and MaxViT): weight faults only",
                 (),
             )
         elif not calls[name]:

@@ -198,3 +198,56 @@ def test_groups_at_one_cut_share_their_forwards_and_keep_their_outcomes():
         assert torch.equal(shared.faulty_top1, alone.faulty_top1)
         assert torch.equal(shared.value_after, alone.value_after)
         torch.testing.assert_close(shared.top2diff, alone.top2diff, equal_nan=True)
+
+
+def _windows(t: torch.Tensor) -> torch.Tensor:
+    """[B, 8, 8, C] -> [B * 4, 16, C]: four 4x4 windows per image, as Swin partitions."""
+    b, _, _, c = t.shape
+    return t.reshape(b, 2, 4, 2, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 16, c)
+
+
+class Windowed(nn.Module):
+    """A Linear on windows (its output has no image dimension) beside a Linear on the image's
+    tokens, whose output is then windowed too and added: the suffix after ``tokens`` needs the
+    windows' value, laid out ``[images x windows, ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.windowed = nn.Linear(8, 8)
+        self.tokens = nn.Linear(8, 8)
+        self.head = nn.Linear(8 * 64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).permute(0, 2, 3, 1)  # [B, 8, 8, 8]
+        y = _windows(self.tokens(t)) + self.windowed(_windows(t))  # [B * 4, 16, 8]
+        return self.head(y.reshape(x.shape[0], -1))
+
+
+def test_values_without_one_row_per_image_are_recomputed_not_taken_from_the_cache():
+    """A cached value is selected per trial by image; one laid out [images x windows, ...]
+    cannot be, so a suffix recomputes it from the image's tokens (the engine once took window
+    rows for images: timm's Swin and MaxViT crashed on it in the zoo)."""
+    torch.manual_seed(0)
+    model = Windowed().eval()
+    images = torch.randn(4, 3, 8, 8)
+    engine = Engine(model, images[:1], device="cpu")
+    edit = engine.traced.edit_cut("windowed", engine.model.windowed.weight)
+    for externals in (engine.traced.cut("tokens", 0).externals, edit.externals):
+        assert externals and all(node in engine.traced.batched for node in externals)
+    assert not engine.sites["windowed"].output_shapes
+    rng = random.Random(0)
+    trials = [
+        Trial(kind, layer, rng.randrange(size), bit, "fp32")
+        for kind, layer, size in [
+            ("neuron", "tokens", 8 * 64),
+            ("weight", "tokens", 64),
+            ("weight", "windowed", 64),
+            ("neuron", "stem", 8 * 64),
+        ]
+        for bit in (30, 28, 26, 31)
+    ]
+    cache = engine.golden(images, ["tokens", "windowed", "stem"], KINDS)
+    checked = check(engine, model, cache, trials)
+    assert not checked.unchecked
+    assert all(d.near_tie for d in checked.disagreements), checked.disagreements

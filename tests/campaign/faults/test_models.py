@@ -2,7 +2,9 @@
 
 - Swin-V2's continuous position bias: ``attn.cpb_mlp`` maps a fixed coordinate table, not the
   images, so its output has no image dimension and the table is shared by every image. Such a
-  layer has weight sites only, and its weight faults are a weight edit and a full forward.
+  layer has weight sites only; a weight fault is the weight edited in place and the graph run
+  again from the window attention where the table meets the images. The test holds each one
+  against a full forward with the weight edited by hand.
 - ViT: ``n, c, h, w = x.shape`` sizes a later reshape from the input image itself, so the suffix
   after ``conv_proj`` must take the image as an external value.
 """

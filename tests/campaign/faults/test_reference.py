@@ -176,6 +176,57 @@ def test_neuron_fault_beside_a_module_called_twice():
         reference_logits(model, images, [Trial("neuron", "a", 0, 30, "fp32")])
 
 
+class Block(nn.Module):
+    def __init__(self, position: nn.Module) -> None:
+        super().__init__()
+        self.position = position  # one module held by every block (CoaT's position encoding)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x + self.position(x)))
+
+
+class SharedAcrossBlocks(nn.Module):
+    """A conv held by the root and by two blocks: pytorchfi hooks it three times, so each call
+    counts three times in its neuron layer numbering. ``stem`` is held twice and called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.entry = nn.Sequential(self.stem)
+        self.position = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.blocks = nn.ModuleList([Block(self.position) for _ in range(2)])
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        x = self.entry(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.flatten(1))
+
+
+def test_neuron_faults_after_and_in_modules_held_by_several_parents():
+    """pytorchfi numbers neuron layers by hook calls, with one hook per holder of a module; the
+    reference follows that numbering, so the fault lands where it belongs (the zoo found this
+    in timm's CoaT)."""
+    torch.manual_seed(0)
+    model = SharedAcrossBlocks().eval()
+    images = torch.randn(3, 3, 6, 6)
+    trials = [
+        Trial("neuron", "blocks.1.conv", 40, 30, "fp32"),
+        Trial("neuron", "blocks.0.conv", 7, 31, "fp32"),
+        Trial("neuron", "stem", 100, 30, "fp32"),
+        Trial("neuron", "head", 3, 30, "fp32"),
+    ]
+    got = reference_logits(model, images, trials)
+    for trial, logits in zip(trials, got, strict=True):
+        expected = _by_hand(model, images, trial)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True, msg=str(trial))
+        assert not torch.equal(logits, model(images))
+    with pytest.raises(ConfigError, match="runs 2 times per forward"):
+        reference_logits(model, images, [Trial("neuron", "position", 0, 30, "fp32")])
+
+
 def test_random_weight_trials_are_valid_reproducible_and_weight_proportional():
     sites = list(find_sites(_tiny_net(), torch.randn(1, 3, 8, 8), types="weighted"))
     trials = random_weight_trials(sites, np.random.default_rng(3), 4000)

@@ -33,7 +33,7 @@ from torch import nn
 from campaign.faults.engine import Engine
 from campaign.faults.graph import computes_as
 from campaign.faults.reference import Trial
-from campaign.faults.sites import find_sites
+from campaign.faults.sites import LayerSite, find_sites
 from campaign.faults.trials import KINDS
 
 from .checks import check
@@ -119,12 +119,12 @@ def smallest(source: str, name: str) -> tuple[nn.Module, torch.Tensor]:
     raise AssertionError(f"{name} accepts none of {SIZES}:\n" + "\n".join(errors[-3:]))
 
 
-def weight_edit_reason(module: nn.Module, calls: int) -> str:
+def weight_edit_reason(module: nn.Module, site: LayerSite) -> str:
     """Why a weight fault of ``module`` is a weight edit instead of a delta on its output."""
-    if calls == 0:
-        return "never called: the parent uses its weight functionally"
-    if calls > 1:
-        return f"called {calls} times per forward"
+    if site.calls == 0:  # "its forward never runs: ...", "its output has no image dimension"
+        return site.neuron_note.split(" (")[0]
+    if site.calls > 1:
+        return f"called {site.calls} times per forward"
     if not isinstance(module, nn.Linear | nn.Conv2d):
         return f"{type(module).__name__}: no delta rule"
     if not computes_as(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d):
@@ -192,7 +192,7 @@ def test_zoo(source, name, caplog):
     done = time.perf_counter()
 
     weight_edits = {
-        layer: weight_edit_reason(model.get_submodule(layer), engine.sites[layer].calls)
+        layer: weight_edit_reason(model.get_submodule(layer), engine.sites[layer])
         for layer in layers
         if engine.evaluator("weight", layer) == "weight edit"
     }
