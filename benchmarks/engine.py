@@ -177,7 +177,7 @@ def main() -> None:
     sweep_s, sweep_trials = timed(
         lambda: sum(
             len(group)
-            for group, _ in engine.sweep_layer(cache, final, "fp32", weights_per_chunk=256)
+            for group, _ in engine.sweep_layer(cache, final, "fp32", sites_per_chunk=256)
         ),
         device,
     )

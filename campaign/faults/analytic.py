@@ -1,5 +1,6 @@
-"""The last layer without a forward: a weight fault in a final Linear changes one logit by
-``scale * (w' - w) * x_i``, so its outcome follows from the golden logits alone.
+"""The last layer without a forward: a weight fault in a final Linear changes one output unit by
+``(w' - w) * x_i``, and a neuron fault one output unit by its flip, so with the logits the
+output times ``scale`` the outcome follows from the golden logits alone.
 
 This is what makes an exhaustive last-layer sweep (every weight x bit x image) cheap: the layer
 the paper's headline figure is about carries no sampling error at all.
@@ -9,21 +10,25 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from campaign.faults.bits import flip, int8_scale
+from campaign.faults.bits import flip, int8_scale, quantize
 from campaign.faults.graph import TracedModel
-from campaign.faults.trials import Outcomes, TrialGroup
+from campaign.faults.inject import RangeRestriction
+from campaign.faults.trials import Outcomes, TrialGroup, is_sdc
 
 
 class GoldenLogits:
-    """Golden logits and final-layer inputs, with per-column summaries of the *other* columns:
-    what a change to one logit is compared against."""
+    """The final Linear's golden output and inputs, its logits (output times ``scale``), and
+    per-column summaries of the *other* logits: what a change to one logit is compared against."""
 
-    def __init__(self, logits: torch.Tensor, inputs: torch.Tensor, scale: float) -> None:
-        self.logits, self.inputs, self.scale = logits, inputs, scale
+    def __init__(self, outputs: torch.Tensor, inputs: torch.Tensor, scale: float) -> None:
+        self.outputs, self.inputs, self.scale = outputs.float(), inputs, scale
+        logits = self.outputs * scale if scale != 1 else self.outputs
+        self.logits = logits
         self.top1 = logits.argmax(dim=1)
         g = logits.double()
         k = min(3, g.shape[1])
@@ -78,28 +83,75 @@ def final_linear_scale(traced: TracedModel, model: nn.Module, layer: str) -> flo
     return float(scale.flatten()[0])
 
 
+@dataclass(frozen=True)
+class LastLayerRules:
+    """How the sweep's faulty logit is formed and judged, as the engine's other paths do it."""
+
+    restriction: RangeRestriction | None = None
+    non_finite_sdc: bool = True
+
+
 def final_linear_outcomes(
-    weight: torch.Tensor, group: TrialGroup, golden: GoldenLogits, n_bits: int
+    weight: torch.Tensor,
+    group: TrialGroup,
+    golden: GoldenLogits,
+    n_bits: int,
+    rules: LastLayerRules = LastLayerRules(),
 ) -> Outcomes:
-    """Outcomes of a sweep chunk: ``group`` holds every image for each of ``n_bits`` bits of
-    each of its weights, in that nesting (weight, bit, image)."""
+    """Weight faults of a sweep chunk: ``group`` holds every image for each of ``n_bits`` bits
+    of each of its weights, in that nesting (weight, bit, image). One weight changes one output
+    unit by ``(w' - w) * x_i``."""
     device = weight.device
     in_features = weight.shape[1]
     n_images = golden.logits.shape[0]
     index = group.index.view(-1, n_bits, n_images)[:, 0, 0].to(device)  # [K]
     bits = group.bit.view(-1, n_bits, n_images)[0, :, 0].to(device)  # [B]
     scale = int8_scale(weight) if group.fmt == "int8" else None
-    before = weight.reshape(-1)[index][:, None].expand(-1, n_bits)  # [K, B]
-    after = flip(before.contiguous(), bits[None, :].expand_as(before), group.fmt, scale)
-    delta = after - before
+    original = weight.reshape(-1)[index][:, None].expand(-1, n_bits)  # [K, B]
+    after = flip(original.contiguous(), bits[None, :].expand_as(original), group.fmt, scale)
     out_unit, in_unit = index // in_features, index % in_features
-    g, x = golden.logits, golden.inputs.float()
+    old = golden.outputs[:, out_unit].T[:, None, :]  # [K, 1, N]
     # In the model's float32, so that overflow to Inf happens where the forward's would.
-    change = golden.scale * (delta[:, :, None] * x[:, in_unit].T[:, None, :])
-    value = (g[:, out_unit].T[:, None, :] + change).double()
+    new = old + (after - original)[:, :, None] * golden.inputs.float()[:, in_unit].T[:, None, :]
+    if rules.restriction is not None:
+        new = rules.restriction.restrict_changed(group.layer, old.expand_as(new), new)
+    before = quantize(original, group.fmt, scale)[:, :, None]
+    return _changed_logit(new, out_unit, golden, before, after[:, :, None], rules)
+
+
+def final_logit_outcomes(
+    group: TrialGroup,
+    golden: GoldenLogits,
+    n_bits: int,
+    peak: float | None,
+    rules: LastLayerRules = LastLayerRules(),
+) -> Outcomes:
+    """Neuron faults of a sweep chunk: ``group`` holds every image for each of ``n_bits`` bits
+    of each of its output units (logits), in that nesting; ``peak`` is the int8 scale's."""
+    n_images = golden.logits.shape[0]
+    units = group.index.view(-1, n_bits, n_images)[:, 0, 0].to(golden.outputs.device)  # [K]
+    bits = group.bit.view(-1, n_bits, n_images)[0, :, 0].to(golden.outputs.device)  # [B]
+    scale = peak / 127 if group.fmt == "int8" else None
+    old = golden.outputs[:, units].T[:, None, :].expand(-1, n_bits, -1).contiguous()  # [K,B,N]
+    after = flip(old, bits[None, :, None].expand_as(old), group.fmt, scale)
+    new = after if rules.restriction is None else rules.restriction.restrict(group.layer, after)
+    return _changed_logit(new, units, golden, quantize(old, group.fmt, scale), new, rules)
+
+
+def _changed_logit(
+    output: torch.Tensor,
+    unit: torch.Tensor,
+    golden: GoldenLogits,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    rules: LastLayerRules,
+) -> Outcomes:
+    """Outcomes when the final Linear's output unit ``unit[k]`` takes ``output[k, b, n]`` and
+    every other logit keeps its golden value: top-1, Top2Diff and the SDC rule, per trial."""
+    value = (output * golden.scale if golden.scale != 1 else output).double()
     # Best other logit, its index, second best other, sum of exp over the others: [K, 1, N].
-    m1, i1, m2, rest = (t[:, None, :] for t in golden.others(out_unit))
-    column = out_unit[:, None, None]
+    m1, i1, m2, rest = (t[:, None, :] for t in golden.others(unit))
+    column = unit[:, None, None]
     top1 = torch.where(value > m1, column, torch.where(value == m1, torch.minimum(column, i1), i1))
     finite = torch.isfinite(value)
     top1 = torch.where(value.isnan(), -1, top1)
@@ -113,9 +165,9 @@ def final_linear_outcomes(
     return Outcomes(
         faulty_top1=top1.reshape(-1).cpu(),
         golden_top1=golden_top1.reshape(-1).cpu(),
-        sdc=(non_finite | (top1 != golden_top1)).reshape(-1).cpu(),
+        sdc=is_sdc(top1, golden_top1, non_finite, rules.non_finite_sdc).reshape(-1).cpu(),
         non_finite=non_finite.reshape(-1).cpu(),
         top2diff=torch.where(finite, margin, torch.nan).float().reshape(-1).cpu(),
-        value_before=before[:, :, None].expand_as(value).float().reshape(-1).cpu(),
-        value_after=after[:, :, None].expand_as(value).float().reshape(-1).cpu(),
+        value_before=before.expand_as(value).float().reshape(-1).cpu(),
+        value_after=after.expand_as(value).float().reshape(-1).cpu(),
     )

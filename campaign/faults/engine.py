@@ -23,12 +23,18 @@ import torch
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.faults.analytic import GoldenLogits, final_linear_outcomes, final_linear_scale
+from campaign.faults.analytic import (
+    GoldenLogits,
+    LastLayerRules,
+    final_linear_outcomes,
+    final_linear_scale,
+    final_logit_outcomes,
+)
 from campaign.faults.bits import format_width
 from campaign.faults.evaluators import Setting, run_suffixes, run_weight_edits, run_with_hooks
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
-from campaign.faults.inject import Injector, weight_delta_applies
+from campaign.faults.inject import Injector, RangeRestriction, weight_delta_applies
 from campaign.faults.sites import activation_peaks, find_sites
 from campaign.faults.trials import KINDS, Outcomes, TrialGroup
 
@@ -43,8 +49,9 @@ class Engine:
 
     ``example``: one or more input images (their shape is what matters). ``cache_bytes`` bounds
     the golden values a cache keeps and a run holds at once; ``batch_size`` is the number of
-    trials per forward; ``clamp`` replaces a flipped activation by its value clamped to the
-    layer's profiled max |activation| over the cache's images (NaN becomes 0).
+    trials per forward. ``restriction``: goldeneye's range restriction of the faulty layer
+    output, with bounds the caller profiled (campaign.faults.inject.RangeRestriction);
+    ``non_finite_sdc``: the SDC rule for non-finite logits (campaign.faults.trials.is_sdc).
     """
 
     def __init__(
@@ -55,7 +62,8 @@ class Engine:
         device: str | torch.device | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         batch_size: int = DEFAULT_BATCH,
-        clamp: bool = False,
+        restriction: RangeRestriction | None = None,
+        non_finite_sdc: bool = True,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = copy.deepcopy(model).to(self.device).eval()
@@ -66,12 +74,13 @@ class Engine:
         self.sites = {site.name: site for site in space}
         self._setting = Setting(
             self.model,
-            Injector(self.model, clamp),
+            Injector(self.model, restriction),
             self.sites,
             self._peak,
             self.device,
             batch_size,
             cache_bytes,
+            non_finite_sdc,
         )
         self.traced: TracedModel | None
         layers = [self.model.get_submodule(name) for name in self.sites]
@@ -89,8 +98,8 @@ class Engine:
             self.mode = "hooks"
 
     @property
-    def clamp(self) -> bool:
-        return self._setting.injector.clamp
+    def restriction(self) -> RangeRestriction | None:
+        return self._setting.injector.restriction
 
     # ----------------------------------------------------------------------------- public API
 
@@ -136,8 +145,8 @@ class Engine:
         return cache
 
     def profile(self, cache: GoldenCache, layers: Sequence[str]) -> dict[str, float]:
-        """max |output| per layer over the cache's images (all calls): int8 neuron scales and
-        clamp bounds. One forward profiles every layer, and the cache keeps the result."""
+        """max |output| per layer over the cache's images (all calls): int8 neuron scales.
+        One forward profiles every layer, and the cache keeps the result."""
         if any(name not in cache.peaks for name in layers):
             todo = [n for n in dict.fromkeys([*layers, *self.sites]) if n not in cache.peaks]
             cache.peaks.update(activation_peaks(self.model, cache.images, todo, self.batch_size))
@@ -190,43 +199,69 @@ class Engine:
         layer: str,
         fmt: str,
         bits: Sequence[int] | None = None,
-        weights_per_chunk: int = 64,
+        kind: str = "weight",
+        sites_per_chunk: int = 64,
     ) -> Iterator[tuple[TrialGroup, Outcomes]]:
-        """Every weight x bit x image of ``layer``, exhaustively, in chunks of weights.
+        """Every site x bit x image of ``layer`` for faults of ``kind``, exhaustively, in chunks
+        of sites (weights, or output elements per image), nested (site, bit, image).
 
         Where the layer is a Linear whose output is the model's output, as is or times a constant
         (a plain final classifier, or a text head's class Linear and its logit scale), no forward
         runs at all (campaign.faults.analytic). Other layers go through ``run``.
         """
         site = self.sites[layer]
+        self._validate(cache, TrialGroup(kind, layer, fmt, *[torch.zeros(0, dtype=torch.long)] * 3))
         bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
         n_images = len(cache)
-        scale = None if self.traced is None else final_linear_scale(self.traced, self.model, layer)
-        if scale is not None:
-            node = self.traced.calls[layer][0]
-            with torch.no_grad():
-                output, layer_input = self.traced.golden_module((node.args[0],))(
-                    cache.images.to(self.device)
-                )
-            golden = GoldenLogits(output.float(), layer_input.reshape(n_images, -1), scale)
-            weight = self.model.get_submodule(layer).weight.detach()
-        for start in range(0, site.weight_elements, weights_per_chunk):
-            weights = torch.arange(start, min(start + weights_per_chunk, site.weight_elements))
-            per_weight = len(bit_list) * n_images
+        golden = self._golden_logits(cache, layer)
+        count = site.weight_elements if kind == "weight" else site.neuron_elements
+        rules = LastLayerRules(self.restriction, self._setting.non_finite_sdc)
+        for start in range(0, count, sites_per_chunk):
+            chosen = torch.arange(start, min(start + sites_per_chunk, count))
+            per_site = len(bit_list) * n_images
             group = TrialGroup(
-                "weight",
+                kind,
                 layer,
                 fmt,
-                weights.repeat_interleave(per_weight),
-                bit_list.repeat_interleave(n_images).repeat(len(weights)),
-                torch.arange(n_images).repeat(len(weights) * len(bit_list)),
+                chosen.repeat_interleave(per_site),
+                bit_list.repeat_interleave(n_images).repeat(len(chosen)),
+                torch.arange(n_images).repeat(len(chosen) * len(bit_list)),
             )
-            if scale is not None:
-                yield group, final_linear_outcomes(weight, group, golden, len(bit_list))
-            else:
+            if golden is None:
                 yield group, self.run(cache, group)
+            elif kind == "weight":
+                weight = self.model.get_submodule(layer).weight.detach()
+                yield group, final_linear_outcomes(weight, group, golden, len(bit_list), rules)
+            else:
+                peak = self._peak(cache, group)
+                yield group, final_logit_outcomes(group, golden, len(bit_list), peak, rules)
+
+    def analytic(self, layer: str) -> bool:
+        """Whether ``sweep_layer`` covers ``layer`` without a forward (a final Linear)."""
+        return self._final_scale(layer) is not None
 
     # ------------------------------------------------------------------------------ internals
+
+    def _final_scale(self, layer: str) -> float | None:
+        if self.traced is None:
+            return None
+        return final_linear_scale(self.traced, self.model, layer)
+
+    def _golden_logits(self, cache: GoldenCache, layer: str) -> GoldenLogits | None:
+        """The final Linear's golden output and input over the cache's images, where the
+        analytic path covers ``layer``."""
+        scale = self._final_scale(layer)
+        if scale is None:
+            return None
+        node = self.traced.calls[layer][0]
+        with torch.no_grad():
+            outputs = [
+                self.traced.golden_module((node, node.args[0]))(chunk.to(self.device))[1:]
+                for chunk in cache.images.split(self.batch_size)
+            ]
+        output = torch.cat([o for o, _ in outputs])
+        layer_input = torch.cat([i for _, i in outputs]).reshape(len(cache), -1)
+        return GoldenLogits(output, layer_input, scale)
 
     def _has_cuts(self, layer: str) -> bool:
         """Whether every call of ``layer`` is a node of the traced graph (so has a suffix)."""
@@ -253,6 +288,16 @@ class Engine:
         site = self.sites[group.layer]
         if group.kind == "neuron" and not site.output_shapes:
             raise ConfigError(f"{group.layer} has no neuron sites: {site.neuron_note}")
+        if (
+            group.kind == "weight"
+            and self.restriction is not None
+            and self.evaluator("weight", group.layer) == "weight edit"
+        ):
+            raise ConfigError(
+                f"{group.layer}: range restriction of weight faults restricts the outputs a "
+                "faulty weight changes, which needs a Conv2d or Linear run once per forward; "
+                "exclude this layer, or run its weight faults without range restriction"
+            )
         if len(group) == 0:
             return
         if group.image.min() < 0 or group.image.max() >= len(cache):

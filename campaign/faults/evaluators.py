@@ -43,6 +43,16 @@ class Setting:
     device: torch.device
     batch_size: int
     cache_bytes: int
+    non_finite_sdc: bool = True  # the SDC rule (campaign.faults.trials.is_sdc)
+
+    def outcomes(
+        self,
+        logits: torch.Tensor,
+        golden_top1: torch.Tensor,
+        before: torch.Tensor,
+        after: torch.Tensor,
+    ) -> Outcomes:
+        return outcomes_of(logits, golden_top1, before, after, self.non_finite_sdc)
 
 
 def run_suffixes(
@@ -160,7 +170,7 @@ def _evaluate(
     outcomes, offset = [], 0
     for (group, _), (before, after) in zip(pieces, changes, strict=True):
         rows = slice(offset, offset + len(group))
-        outcomes.append(outcomes_of(logits[rows], golden_top1[image[rows]], before, after))
+        outcomes.append(setting.outcomes(logits[rows], golden_top1[image[rows]], before, after))
         offset += len(group)
     return outcomes
 
@@ -219,7 +229,7 @@ def run_with_hooks(setting: Setting, cache: GoldenCache, group: TrialGroup) -> O
             handle.remove()
         image = sub.image.to(setting.device)
         results.append(
-            outcomes_of(logits, cache.top1[image], captured["before"], captured["after"])
+            setting.outcomes(logits, cache.top1[image], captured["before"], captured["after"])
         )
     return Outcomes.cat(results)
 
@@ -263,6 +273,8 @@ def _each_fault(
         finally:
             flat[element] = original
         image = group.image[chosen].to(setting.device)
-        results.append(outcomes_of(logits, golden_top1[image], before[chosen], after[chosen]))
+        results.append(
+            setting.outcomes(logits, golden_top1[image], before[chosen], after[chosen])
+        )
         order.append(chosen)
     return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))

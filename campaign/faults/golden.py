@@ -2,7 +2,7 @@
 
 ``Engine.golden(images, layers, kinds)`` makes one; ``Engine.run(cache, group)`` reads it. A cache
 belongs to exactly one image set, so nothing computed on one set (golden top-1, the values the
-suffixes need, the activation profile behind int8 scales and clamp bounds) can leak into
+suffixes need, the activation profile behind int8 scales) can leak into
 trials on another: there is no hidden state keyed by a tensor's address.
 """
 
@@ -21,7 +21,7 @@ class GoldenCache:
     ``values``: golden values by graph node, for every image, when they fit in the engine's
     cache budget (empty otherwise, or for a model without a traced graph: then each run
     recomputes them chunk by chunk). ``peaks``: max |output| per layer over these images, filled
-    on first need (int8 neuron scales and clamp bounds).
+    on first need (int8 neuron scales; range-restriction bounds come from the training split, not from here).
     """
 
     images: torch.Tensor

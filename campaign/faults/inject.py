@@ -8,48 +8,86 @@ rounding and far cheaper than running the layer again for every trial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitstorm.errors import ConfigError
 from campaign.faults.bits import flip, int8_scale, quantize
 from campaign.faults.graph import computes_as
 from campaign.faults.trials import TrialGroup
 
 
 @dataclass(frozen=True)
+class RangeRestriction:
+    """goldeneye's range restriction (docs/protocols.md): a faulty layer output that is NaN,
+    Inf or beyond the layer's bound becomes ``+-bound``, the sign from ``value < 0``, which is
+    false for NaN, so NaN becomes ``+bound``. ``bounds``: max |output| per layer, profiled on
+    the training split by the caller (the engine never profiles them itself: bounds from the
+    campaign's own images would leak the test set into the protection)."""
+
+    bounds: Mapping[str, float] = field(default_factory=dict)
+
+    def bound(self, layer: str) -> float:
+        if layer not in self.bounds:
+            raise ConfigError(f"range restriction: no profiled bound for layer {layer!r}")
+        return float(self.bounds[layer])
+
+    def restrict(self, layer: str, values: torch.Tensor) -> torch.Tensor:
+        bound = self.bound(layer)
+        return torch.where(values.isnan(), bound, values.clamp(-bound, bound))
+
+    def restrict_changed(self, layer: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``new`` restricted where it differs from ``old`` (a weight fault's changed outputs):
+        the golden values around the fault stay as the model computed them."""
+        changed = (new != old) | new.isnan()
+        return torch.where(changed, self.restrict(layer, new), new)
+
+
+@dataclass(frozen=True)
 class Injector:
-    """Flips bits of one model's weights and activations. ``clamp`` replaces a flipped
-    activation by its value clamped to the layer's profiled max |activation| (NaN becomes 0)."""
+    """Flips bits of one model's weights and activations; with a ``restriction``, the faulty
+    layer output is range-restricted (the flipped neuron, or the outputs a faulty weight
+    changed)."""
 
     model: nn.Module
-    clamp: bool = False
+    restriction: RangeRestriction | None = None
 
     def needs_peak(self, group: TrialGroup) -> bool:
-        """Whether ``group``'s faults need the layer's profiled max |output|."""
-        return group.kind == "neuron" and (group.fmt == "int8" or self.clamp)
+        """Whether ``group``'s faults need the layer's profiled max |output| (int8 scales)."""
+        return group.kind == "neuron" and group.fmt == "int8"
 
     def weight_values(self, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stored weight, flipped weight) per trial; int8 uses the per-tensor scale."""
+        """(weight as the format stores it, flipped weight) per trial; int8 uses the per-tensor
+        scale."""
         weight = self.model.get_submodule(group.layer).weight.detach()
         scale = int8_scale(weight) if group.fmt == "int8" else None
         original = weight.reshape(-1)[group.index.to(weight.device)]
-        return original, flip(original, group.bit.to(weight.device), group.fmt, scale)
+        flipped = flip(original, group.bit.to(weight.device), group.fmt, scale)
+        return quantize(original, group.fmt, scale), flipped
 
     def neuron_values(
         self, group: TrialGroup, golden: torch.Tensor, peak: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(value before, flipped value) of the selected elements ``golden``; int8 uses the
-        per-layer scale ``peak / 127``, and the flipped value is clamped to ``peak`` when the
-        injector clamps."""
+        """(value as the format stores it, flipped value) of the selected elements ``golden``;
+        int8 uses the per-layer scale ``peak / 127``; the flipped value is range-restricted
+        when the injector restricts."""
         bits = group.bit.to(golden.device)
         scale = peak / 127 if group.fmt == "int8" else None
         after = flip(golden, bits, group.fmt, scale)
-        if self.clamp:
-            after = torch.nan_to_num(after, nan=0.0, posinf=peak, neginf=-peak).clamp(-peak, peak)
+        if self.restriction is not None:
+            after = self.restriction.restrict(group.layer, after)
         return quantize(golden, group.fmt, scale), after
+
+    def changed_outputs(self, layer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """How a weight fault's changed outputs (old, new) become the layer's output."""
+        if self.restriction is None:
+            return lambda _old, new: new
+        restriction = self.restriction
+        return lambda old, new: restriction.restrict_changed(layer, old, new)
 
     def apply(
         self,
@@ -68,12 +106,14 @@ class Injector:
             flat[rows, index] = after.to(flat.dtype)
             return before, after
         before, after = self.weight_values(group)
+        original = self.model.get_submodule(group.layer).weight.detach().reshape(-1)
         add_weight_delta(
             self.model.get_submodule(group.layer),
             output,
             layer_input,
             group.index.to(output.device),
-            after - before,
+            after - original[group.index.to(original.device)],
+            self.changed_outputs(group.layer),
         )
         return before, after
 
@@ -100,14 +140,17 @@ def add_weight_delta(
     layer_input: torch.Tensor,
     index: torch.Tensor,
     delta: torch.Tensor,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda _old, new: new,
 ) -> None:
-    """``output`` (one row per trial) += the change of one weight per trial, in place."""
+    """``output`` (one row per trial) += the change of one weight per trial, in place;
+    ``combine(old, new)`` gives the values the changed outputs take (a range restriction)."""
     rows = torch.arange(len(index), device=output.device)
     if isinstance(module, nn.Linear):
         out_unit, in_unit = index // module.in_features, index % module.in_features
         x = layer_input.reshape(len(index), -1, module.in_features)[rows, :, in_unit]
         view = output.view(len(index), -1, module.out_features)
-        view[rows, :, out_unit] += (delta[:, None] * x).to(output.dtype)
+        old = view[rows, :, out_unit]
+        view[rows, :, out_unit] = combine(old, old + (delta[:, None] * x).to(output.dtype))
         return
     assert isinstance(module, nn.Conv2d)
     out_c, in_per_group, kh, kw = module.weight.shape
@@ -124,4 +167,5 @@ def add_weight_delta(
     ys = (ky * dh)[:, None] + sh * torch.arange(h_out, device=output.device)[None, :]
     xs = (kx * dw)[:, None] + sw * torch.arange(w_out, device=output.device)[None, :]
     patch = x[rows[:, None, None], ys[:, :, None], xs[:, None, :]]
-    output[rows, o] += (delta[:, None, None] * patch).to(output.dtype)
+    old = output[rows, o]
+    output[rows, o] = combine(old, old + (delta[:, None, None] * patch).to(output.dtype))

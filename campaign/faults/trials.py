@@ -98,10 +98,28 @@ class Outcomes:
         return Outcomes(**{f.name: getattr(self, f.name)[order] for f in fields(Outcomes)})
 
 
+def is_sdc(
+    faulty_top1: torch.Tensor,
+    golden_top1: torch.Tensor,
+    non_finite: torch.Tensor,
+    non_finite_sdc: bool,
+) -> torch.Tensor:
+    """The SDC rule. ``non_finite_sdc`` (bitstorm's protocol): any non-finite logit is an SDC.
+    Otherwise (goldeneye's: its loss is NaN, and goldeneye leaves such a trial out of the SDC
+    count but in the denominator) a trial with a non-finite logit is never an SDC."""
+    if non_finite_sdc:
+        return non_finite | (faulty_top1 != golden_top1)
+    return ~non_finite & (faulty_top1 != golden_top1)
+
+
 def outcomes_of(
-    logits: torch.Tensor, golden_top1: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+    logits: torch.Tensor,
+    golden_top1: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    non_finite_sdc: bool = True,
 ) -> Outcomes:
-    """Outcomes of faulty ``logits`` (one row per trial): any non-finite logit is an SDC, and a
+    """Outcomes of faulty ``logits`` (one row per trial) under the SDC rule :func:`is_sdc`; a
     NaN logit leaves no top-1 (-1)."""
     non_finite = ~torch.isfinite(logits).all(dim=1)
     has_nan = logits.isnan().any(dim=1)
@@ -109,7 +127,7 @@ def outcomes_of(
     return Outcomes(
         faulty_top1=faulty.cpu(),
         golden_top1=golden_top1.cpu(),
-        sdc=(non_finite | (faulty != golden_top1)).cpu(),
+        sdc=is_sdc(faulty, golden_top1, non_finite, non_finite_sdc).cpu(),
         non_finite=non_finite.cpu(),
         top2diff=top2diff(logits).cpu(),
         value_before=before.float().cpu(),

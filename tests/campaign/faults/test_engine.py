@@ -15,7 +15,9 @@ from bitstorm.errors import ConfigError
 from campaign.faults.analytic import final_linear_scale
 from campaign.faults.bits import FORMATS, flip
 from campaign.faults.engine import Engine
+from campaign.faults.inject import RangeRestriction
 from campaign.faults.reference import Trial, reference_logits
+from campaign.faults.sites import activation_peaks
 from campaign.faults.trials import Outcomes, TrialGroup
 from trainers.models import build_model
 
@@ -319,25 +321,66 @@ def test_non_finite_values_give_a_defined_outcome():
     assert not out.non_finite.any() and float(out.value_after[0]) == 2.0
 
 
-def test_clamp_limits_the_flipped_activation_to_the_profiled_range():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    images = torch.randn(4, 3, 32, 32)
-    engine = Engine(model, images[:1], device="cpu", clamp=True)
+def test_range_restriction_follows_goldeneyes_rule():
+    """NaN -> +bound (goldeneye takes the sign from ``v < 0``), +-Inf and beyond -> +-bound,
+    within the bound unchanged; a weight fault restricts only the outputs it changed."""
+    model = nn.Sequential(nn.Linear(2, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+        model[0].bias.copy_(torch.tensor([1.5, -1.5, 0.25]))
+    images = torch.zeros(1, 2)
+    restriction = RangeRestriction({"0": 4.0})
+    engine = Engine(model, images, device="cpu", restriction=restriction, non_finite_sdc=False)
     cache = engine.golden(images)
-    peak = engine.profile(cache, ["layer2.0.conv1"])["layer2.0.conv1"]
-    out = engine.run(
-        cache,
-        TrialGroup(
-            "neuron",
-            "layer2.0.conv1",
-            "fp32",
-            torch.tensor([10, 11, 12]),
-            torch.tensor([30, 30, 31]),
-            torch.tensor([0, 1, 2]),
-        ),
+    # 1.5 = 0x3FC00000: bit 30 gives NaN; -1.5 bit 30 gives NaN too (sign kept, yet +bound);
+    # 0.25 bit 30 gives 2^126 * 0.25 -> +bound; bit 31 of 1.5 gives -1.5 (within: unchanged).
+    group = TrialGroup(
+        "neuron",
+        "0",
+        "fp32",
+        torch.tensor([0, 1, 2, 0]),
+        torch.tensor([30, 30, 30, 31]),
+        torch.zeros(4, dtype=torch.long),
     )
-    assert (out.value_after.abs() <= peak + 1e-6).all() and out.value_after.isfinite().all()
+    out = engine.run(cache, group)
+    assert out.value_after.tolist() == [4.0, 4.0, 4.0, -1.5]
+    assert not out.non_finite.any()
+    assert out.faulty_top1.tolist() == [0, 1, 2, 2]
+    plain = Engine(model, images, device="cpu")
+    raw = plain.run(plain.golden(images), group)
+    assert raw.value_after[:2].isnan().all() and raw.sdc[:3].all()
+    # Weight (0, 1) multiplies an input of 0: nothing changes, nothing is restricted. Bias
+    # changes are not weight faults; x = 1 makes weight (0, 0) change output 0 only.
+    ones = torch.ones(1, 2)
+    engine = Engine(model, ones, device="cpu", restriction=restriction)
+    cache = engine.golden(ones)
+    out = engine.run(cache, _single("weight", "0", 0, 30, 0))  # 1.0 -> Inf: output 0 -> 4.0
+    assert out.value_after.isinf().all() and int(out.faulty_top1[0]) == 0
+    assert not out.non_finite.any()
+
+
+def test_nan_logits_are_not_sdcs_under_goldeneyes_rule():
+    """goldeneye leaves a trial whose loss is NaN out of the SDC count (non_finite_sdc=False)."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+        model[0].bias.copy_(torch.tensor([1.5, 0.2, 0.1]))
+    images = torch.randn(2, 4)
+    for rule, sdc in ((True, True), (False, False)):
+        engine = Engine(model, images[:1], device="cpu", non_finite_sdc=rule)
+        out = engine.run(engine.golden(images), _single("neuron", "0", 0, 30, 1))
+        assert out.non_finite.all() and bool(out.sdc[0]) is sdc
+
+
+def test_range_restricted_weight_faults_need_the_delta_rule():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    images = torch.randn(2, 1, 8, 8)
+    restriction = RangeRestriction({"0": 1.0})
+    engine = Engine(model, images[:1], device="cpu", restriction=restriction)
+    engine.model[0].padding_mode = "reflect"  # a conv the delta rule does not cover
+    engine.model[0].padding = (1, 1)
+    with pytest.raises(ConfigError, match="range restriction of weight faults"):
+        engine.run(engine.golden(images), _single("weight", "0", 0, 30, 0))
 
 
 def test_small_cache_budget_gives_the_same_outcomes():
@@ -378,35 +421,48 @@ def test_small_cache_budget_gives_the_same_outcomes():
         torch.testing.assert_close(a.top2diff, b.top2diff, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["weight", "neuron"])
+@pytest.mark.parametrize("restricted", [False, True])
 @pytest.mark.parametrize(
     ("head", "layer", "in_features", "scale"),
     [("linear", "fc", 512, 1.0), ("text", "fc.classes", 32, 1 / 0.07)],
 )
 def test_last_layer_sweep_is_exhaustive_and_matches_the_suffix_path(
-    head, layer, in_features, scale
+    head, layer, in_features, scale, restricted, kind
 ):
     torch.manual_seed(0)
     model = build_model("resnet18", head, 10, torch.randn(10, 32)).eval()
     images = torch.randn(6, 3, 32, 32)
-    engine = Engine(model, images[:1], device="cpu")
+    # A bound below the largest golden output, so that restriction changes outcomes.
+    peak = activation_peaks(model, images, [layer])[layer]
+    restriction = RangeRestriction({layer: 0.8 * peak}) if restricted else None
+    engine = Engine(model, images[:1], device="cpu", restriction=restriction)
     scale_of = lambda name: final_linear_scale(engine.traced, engine.model, name)  # noqa: E731
     assert scale_of(layer) == pytest.approx(scale)
     assert scale_of("layer4.1.conv2") is None
     if head == "text":  # the projection is followed by a normalisation: not analytic
         assert scale_of("fc.projection") is None
     cache = engine.golden(images)
-    parts = list(engine.sweep_layer(cache, layer, "fp32", weights_per_chunk=1024))
-    assert sum(len(group) for group, _ in parts) == 10 * in_features * 32 * 6
+    parts = list(engine.sweep_layer(cache, layer, "fp32", kind=kind, sites_per_chunk=1024))
+    sites = 10 * in_features if kind == "weight" else 10
+    assert sum(len(group) for group, _ in parts) == sites * 32 * 6
     group, analytic = parts[min(2, len(parts) - 1)]
     assert set(group.bit.tolist()) == set(range(32)) and set(group.image.tolist()) == set(range(6))
     generic = engine.run(cache, group)
     assert torch.equal(analytic.faulty_top1, generic.faulty_top1)
     assert torch.equal(analytic.sdc, generic.sdc)
+    assert torch.equal(analytic.non_finite, generic.non_finite)
+    assert torch.equal(analytic.value_before, generic.value_before)
     finite = ~generic.non_finite
     torch.testing.assert_close(
         analytic.top2diff[finite], generic.top2diff[finite], rtol=0, atol=1e-3
     )
     assert analytic.sdc.any() and not analytic.sdc.all()
+    if restricted:  # a restricted logit is always finite
+        assert not analytic.non_finite.any()
+        torch.testing.assert_close(
+            analytic.value_after, generic.value_after, rtol=0, atol=0, equal_nan=True
+        )
 
 
 def test_outcomes_are_consistent():
@@ -474,38 +530,26 @@ def test_a_golden_cache_keeps_the_values_between_runs(monkeypatch):
 
 
 def test_each_cache_profiles_its_own_images():
-    """int8 scales and clamp bounds come from the cache's images, never from another set's."""
+    """int8 neuron scales come from the cache's images, never from another set's."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     quiet, loud = torch.randn(4, 3, 32, 32), 50 * torch.randn(4, 3, 32, 32)
-    engine = Engine(model, quiet[:1], device="cpu", clamp=True)
+    engine = Engine(model, quiet[:1], device="cpu")
     first = engine.golden(quiet)
     peak_quiet = engine.profile(first, ["layer1.0.conv1"])["layer1.0.conv1"]
     second = engine.golden(loud)
     peak_loud = engine.profile(second, ["layer1.0.conv1"])["layer1.0.conv1"]
     assert peak_loud > 10 * peak_quiet
-    # Bits 29 and 30 of 100 elements: some flips leave every bound far behind, so the largest
-    # clamped value is the cache's own bound.
+    # The int8 sign bit of 100 small elements: q - 128, so the largest |value| is 128 scales
+    # of the cache's own peak / 127.
     group = TrialGroup(
         "neuron",
         "layer1.0.conv1",
-        "fp32",
-        torch.arange(200) % 100,
-        29 + torch.arange(200) // 100,
-        torch.zeros(200, dtype=torch.long),
+        "int8",
+        torch.arange(100),
+        torch.full((100,), 7),
+        torch.zeros(100, dtype=torch.long),
     )
     for cache, peak in ((first, peak_quiet), (second, peak_loud)):
         after = engine.run(cache, group).value_after.abs()
-        assert float(after.max()) == pytest.approx(peak)
-
-
-def test_the_callers_model_is_left_as_it_was():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = torch.randn(4, 3, 32, 32)
-    engine = Engine(model, images[:1], device="cpu")
-    engine.run(engine.golden(images), _single("weight", "layer1.0.conv1", 3, 30, 0))
-    assert model.training and all(m.training for m in model.modules())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert engine.model is not model and not engine.model.training
+        assert float(after.max()) == pytest.approx(peak * 128 / 127, rel=1e-5)
