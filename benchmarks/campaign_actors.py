@@ -52,7 +52,7 @@ def main() -> None:
         base = {
             "models": models,
             "images": args.images,
-            "golden_correct_only": False,
+            "image_selection": "any",
             "trials_per_stratum": args.trials_per_stratum,
             "output": str(root / "results"),
         }
@@ -61,8 +61,9 @@ def main() -> None:
         spec = CampaignSpec.parse({**base, "name": "bare"})
         checked = validate(spec)
         loaded, sites = checked.models, checked.sites
-        images = select_images(spec, loaded, checked.data)
-        plan = make_plan(spec, sites, len(images.indices))
+        per_model = select_images(spec, loaded, checked.data)
+        images = next(iter(per_model.values()))  # image_selection any: one set for all
+        plan = make_plan(spec, sites, {name: len(images.indices) for name in per_model})
         from campaign.faults.engine import Engine
 
         engines = {

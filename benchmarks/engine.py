@@ -9,6 +9,8 @@ one machine, on the same trials.
   batch element of one forward.
 - last layer, exhaustively: every weight x bit x image of the final Linear (the engine needs no
   forward there); pytorchfi's rate for it is its weight-mode rate above.
+- the goldeneye protocol: the same neuron and weight trials with range restriction (bounds
+  profiled on other random images) and goldeneye's SDC rule, against the engine without them.
 
 The "bound" is what suffix-only evaluation can gain over a full-network method from arithmetic
 alone: 1 / (mean fraction of the network's FLOPs left after the faulty layer), weighted as the
@@ -35,7 +37,9 @@ from bitstorm import __version__
 from bitstorm.atomic import write_json_atomic
 from campaign.analysis.results import group_by
 from campaign.faults.engine import Engine
+from campaign.faults.inject import RangeRestriction
 from campaign.faults.reference import PytorchfiBatched, Trial, random_weight_trials
+from campaign.faults.sites import activation_peaks
 from campaign.faults.trials import TrialGroup
 from trainers.models import build_model
 
@@ -151,6 +155,26 @@ def main() -> None:
     engine.run_many(cache, to_groups(weight_trials[:64]))
     engine_weight_s, _ = timed(lambda: engine.run_many(cache, weight_groups), device)
 
+    # The goldeneye protocol on the same trials: range restriction and its SDC rule.
+    profiled = torch.randn_like(images)
+    bounds = activation_peaks(engine.model, profiled, [s.name for s in layers], args.images)
+    goldeneye = Engine(
+        model,
+        images[:1],
+        device=device,
+        batch_size=args.images,
+        restriction=RangeRestriction(bounds),
+        non_finite_sdc=False,
+    )
+    goldeneye_cache = goldeneye.golden(images)
+    goldeneye.run_many(goldeneye_cache, to_groups(neuron_trials[:64]))
+    goldeneye_neuron_s, _ = timed(
+        lambda: goldeneye.run_many(goldeneye_cache, neuron_groups), device
+    )
+    goldeneye_weight_s, _ = timed(
+        lambda: goldeneye.run_many(goldeneye_cache, weight_groups), device
+    )
+
     # Agreement on these very trials (top-1, NaN counted as its own class).
     def top1(logits: torch.Tensor) -> torch.Tensor:
         return torch.where(
@@ -176,8 +200,7 @@ def main() -> None:
     # Last layer, exhaustively.
     sweep_s, sweep_trials = timed(
         lambda: sum(
-            len(group)
-            for group, _ in engine.sweep_layer(cache, final, "fp32", sites_per_chunk=256)
+            len(group) for group, _ in engine.sweep_layer(cache, final, "fp32", sites_per_chunk=256)
         ),
         device,
     )
@@ -238,6 +261,16 @@ def main() -> None:
         weight_bound,
     )
     row(f"engine last layer ({final}) exhaustive", sweep_trials, sweep_s, pfi_weight_rate)
+    row(
+        "engine neuron, goldeneye protocol", len(neuron_trials), goldeneye_neuron_s, pfi_neuron_rate
+    )
+    row(
+        "engine weight, goldeneye protocol", len(weight_trials), goldeneye_weight_s, pfi_weight_rate
+    )
+    protocol_speed = {
+        "neuron": engine_neuron_s / goldeneye_neuron_s,
+        "weight": engine_weight_s / goldeneye_weight_s,
+    }
 
     profile = cProfile.Profile()
     profile.enable()
@@ -264,6 +297,10 @@ def main() -> None:
             f"{r['vs_plain_forward']:>9.2f}{bound:>8}{share:>12}"
         )
     print(f"neuron top-1 agreement with pytorchfi on the benchmarked trials: {agree}/{total}")
+    print(
+        "goldeneye protocol speed / bitstorm protocol speed, same trials: "
+        + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in protocol_speed.items())
+    )
     print("where the engine's neuron time goes (cProfile, by own time):")
     print("\n".join(stream.getvalue().splitlines()[6:20]))
     write_json_atomic(
@@ -283,6 +320,7 @@ def main() -> None:
             "bounds": {"weight_uniform": weight_bound, "neuron_equal_per_layer": neuron_bound},
             "suffix_flop_fractions": fractions,
             "neuron_agreement": [agree, total],
+            "goldeneye_vs_bitstorm_speed": protocol_speed,
         },
     )
     print(f"wrote {args.out}")

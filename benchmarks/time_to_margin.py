@@ -57,7 +57,7 @@ def bitstorm_run(spec: CampaignSpec, model, images, space: SiteSpace) -> dict:
     engine = Engine(model, images.images[:2], device="cpu", batch_size=spec.resources.batch_size)
     cache = engine.golden(images.images, space.names(), spec.kinds)
     n_images = len(images.indices)
-    plan = make_plan(spec, {MODEL: list(space)}, n_images)
+    plan = make_plan(spec, {MODEL: list(space)}, {MODEL: n_images})
     population = {s.layer: s.sites * n_images for s in plan}
     trials: Counter[tuple[str, int]] = Counter()
     sdc: Counter[tuple[str, int]] = Counter()
@@ -173,7 +173,7 @@ def main() -> None:
         }
     )
     data = campaign_data(spec, {MODEL: read_manifest(checkpoint)})
-    images = select_images(spec, {MODEL: model}, data)
+    images = select_images(spec, {MODEL: model}, data)[MODEL]
     space = find_sites(model, images.images[:1], types=spec.layer_types)
     ours = bitstorm_run(spec, model, images, space)
     theirs = pytorchfi_run(spec, model, images, space, args.seed)

@@ -155,16 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         from campaign.runner import run_campaign
 
         if args.spec:
-            spec = load_campaign_spec(args.spec, args.overrides)
+            specs = [load_campaign_spec(args.spec, args.overrides)]
         else:
-            from campaign.default import default_campaign
+            from campaign.default import default_campaigns
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default runs offline
-            spec = default_campaign(Path(args.output).resolve())
-        store = run_campaign(spec, fresh=args.fresh)
-        report = build_report([store.root], Options(confidence=spec.confidence))
+            specs = default_campaigns(Path(args.output).resolve())
+        roots = [run_campaign(spec, fresh=args.fresh).root for spec in specs]
+        report = build_report(roots, Options(confidence=specs[0].confidence))
     except BitstormError as error:
         parser.exit(2, f"error: {error}\n")
     print(console_summary(report))
-    print(f"\nby layer and bit, with plots: python -m campaign.report {store.root}")
+    print(f"\nby layer and bit, with plots: python -m campaign.report {' '.join(roots)}")
     return 0

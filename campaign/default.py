@@ -1,7 +1,8 @@
-"""The embedded default campaign: digits, class embeddings from the best text encoder available
-offline, a baseline and a text-headed ResNet-18 trained here, and a campaign over both (weights
-and neurons, fp32, every layer, stratified by layer x bit). Everything lands under one output
-folder, and a second run reuses what is there."""
+"""The embedded default: digits, class embeddings from the best text encoder available offline, a
+baseline and a text-headed ResNet-18 trained here, and two campaigns over both, side by side:
+one under goldeneye's protocol (the paper's) and one under bitstorm's (weights and neurons,
+fp32, every layer, stratified by layer x bit, the last layer counted exhaustively). Everything
+lands under one output folder, and a second run reuses what is there."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def default_train_configs(output: Path) -> dict[str, TrainConfig]:
     return configs
 
 
-def default_campaign(output: Path) -> CampaignSpec:
-    """Embeddings, two trained models and the campaign spec of the embedded default."""
+def default_campaigns(output: Path) -> list[CampaignSpec]:
+    """Embeddings, two trained models and the embedded default's two campaign specs, one per
+    protocol."""
     from embeddings.build import build_embeddings
     from embeddings.classes import class_names
     from embeddings.descriptions import clean_descriptions, shipped_descriptions
@@ -99,14 +101,19 @@ def default_campaign(output: Path) -> CampaignSpec:
                 f"resnet18_{head}", str(checkpoint), str(embeddings) if head == "text" else None
             )
         )
-    return CampaignSpec(
-        models=models,
-        name="digits_default",
-        images=128,
-        kinds=["weight", "neuron"],
-        formats=["fp32"],
-        sampling="per_stratum",
-        trials_per_stratum=16,
-        output=str(output / "campaigns"),
-        resources=Resources(actors=2),
-    )
+    return [
+        CampaignSpec(
+            models=models,
+            name=name,
+            protocol=protocol,
+            images=128,
+            kinds=["weight", "neuron"],
+            formats=["fp32"],
+            sampling="per_stratum",
+            trials_per_stratum=16,
+            exhaustive_last_layer=True,
+            output=str(output / "campaigns"),
+            resources=Resources(actors=2),
+        )
+        for name, protocol in (("digits_goldeneye", "goldeneye"), ("digits_bitstorm", "bitstorm"))
+    ]

@@ -1,6 +1,6 @@
-"""The campaign's images and golden tables, chosen and computed once by the driver: every model
-of a campaign is tested on the same images, and every trial row refers to them by their index in
-the validation split.
+"""The campaign's images and golden tables, chosen and computed once by the driver: each model's
+images (one set for all, or each model its own, by ``image_selection``), and every trial row
+refers to them by their index in the validation split.
 
 The images come from the models' own training data config (data set, split seed, image size,
 normalisation), never from library defaults: a model trained with another split seed would
@@ -62,37 +62,73 @@ def campaign_data(spec: CampaignSpec, checkpoints: dict[str, dict[str, Any]]) ->
 
 def select_images(
     spec: CampaignSpec, models: dict[str, torch.nn.Module], data: DataBundle
-) -> CampaignImages:
-    """``spec.images`` images of ``data``'s validation split in a seeded order; with
-    ``golden_correct_only``, only those that every model classifies correctly (the paper's
-    protocol: a fault can only corrupt a correct answer)."""
+) -> dict[str, CampaignImages]:
+    """Each model's ``spec.images`` images of ``data``'s validation split, walked in one seeded
+    order and kept by ``spec.image_selection``: ``every_model_correct`` keeps the images every
+    model classifies correctly (one image set for all: a fault can only corrupt a correct
+    answer); ``own_correct`` keeps, per model, its own correct images with Top2Diff > 0
+    (goldeneye's); ``any`` keeps every image."""
     val = data.val
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(spec.image_seed))
-    chosen: list[int] = []
-    kept_images, kept_labels = [], []
+    shared = spec.image_selection != "own_correct"
+    kept: dict[str, list[tuple[int, torch.Tensor, int]]] = {name: [] for name in models}
     for start in range(0, len(order), 256):
         candidates = order[start : start + 256].tolist()
         images = torch.stack([val[i][0] for i in candidates])
         labels = torch.tensor([int(val[i][1]) for i in candidates])
-        keep = torch.ones(len(candidates), dtype=torch.bool)
-        if spec.golden_correct_only:
-            with torch.no_grad():
-                for model in models.values():
-                    keep &= model(images).argmax(dim=1) == labels
-        chosen += [c for c, k in zip(candidates, keep.tolist(), strict=True) if k]
-        kept_images.append(images[keep])
-        kept_labels.append(labels[keep])
-        if len(chosen) >= spec.images:
+        keep = {
+            name: _qualifies(spec.image_selection, model, images, labels)
+            for name, model in models.items()
+        }
+        if shared:
+            common = torch.stack(list(keep.values())).all(dim=0)
+            keep = dict.fromkeys(models, common)
+        for name, mask in keep.items():
+            kept[name] += [
+                (c, images[i], int(labels[i])) for i, c in enumerate(candidates) if mask[i]
+            ]
+        if all(len(k) >= spec.images for k in kept.values()):
             break
-    chosen = chosen[: spec.images]
-    if not chosen:
+    empty = [name for name, k in kept.items() if not k]
+    if empty:
         raise DataError(
-            "no image qualifies: every candidate is misclassified by some model; check that "
-            "the models were trained on this data set, or set golden_correct_only: false"
+            f"no image qualifies for model {empty[0]} ({spec.image_selection}): every candidate "
+            "is misclassified; check that the models were trained on this data set, or set "
+            "image_selection: any"
         )
-    return CampaignImages(
-        chosen, torch.cat(kept_images)[: len(chosen)], torch.cat(kept_labels)[: len(chosen)]
-    )
+    return {
+        name: CampaignImages(
+            [c for c, _, _ in k[: spec.images]],
+            torch.stack([image for _, image, _ in k[: spec.images]]),
+            torch.tensor([label for _, _, label in k[: spec.images]]),
+        )
+        for name, k in kept.items()
+    }
+
+
+def _qualifies(
+    selection: str, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    if selection == "any":
+        return torch.ones(len(labels), dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(images).float()
+    correct = logits.argmax(dim=1) == labels
+    return correct & (top2diff(logits) > 0) if selection == "own_correct" else correct
+
+
+def validation_top2diff(model: torch.nn.Module, data: DataBundle, batch: int = 256) -> float:
+    """Mean golden Top2Diff (percent) over the whole validation split: the paper's Top2Diff
+    (goldeneye averages it over every validation image, correct or not)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data.val), batch):
+            images = torch.stack(
+                [data.val[i][0] for i in range(start, min(start + batch, len(data.val)))]
+            )
+            total += float(top2diff(model(images).float()).sum())
+            count += len(images)
+    return total / count
 
 
 def golden_table(model: torch.nn.Module, images: CampaignImages) -> pa.Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ class Shard:
     first round the generator is seeded by the stratum alone (so the shard size never changes
     which trials a stratum gets); later rounds of sequential sampling add the shard id (unique
     in the plan) and the bit's position in the shard. Exhaustive shards
-    cover sites ``[start, stop)`` x every image.
+    cover sites ``[start, stop)`` x every image; a ``census`` shard is an exhaustive one of a
+    final classifier, counted without a forward and stored as counts (campaign.census).
     """
 
     id: int
@@ -43,6 +45,7 @@ class Shard:
     stop: int = 0
     seed: int = 0
     round: int = 0
+    census: bool = False
 
     @property
     def exhaustive(self) -> bool:
@@ -78,16 +81,35 @@ class Shard:
         )
 
 
-def make_plan(spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: int) -> list[Shard]:
-    """Every shard of the campaign, in a fixed order with ids 0, 1, ..."""
+def make_plan(
+    spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: Mapping[str, int]
+) -> list[Shard]:
+    """Every shard of the campaign, in a fixed order with ids 0, 1, ...; ``images``: each
+    model's number of campaign images."""
     shards: list[Shard] = []
     for model in spec.models:
         for kind in spec.kinds:
-            for site in sites[model.name]:
-                count = site.weight_elements if kind == "weight" else site.neuron_elements
-                if count == 0:
-                    continue  # no neuron sites (a module whose forward never runs)
+            layers = [(site, site_count(site, kind)) for site in sites[model.name]]
+            layers = [(site, count) for site, count in layers if count > 0]  # run, for neurons
+            for position, (site, count) in enumerate(layers):
+                census = spec.exhaustive_last_layer and position == len(layers) - 1
                 for fmt in spec.formats:
+                    if census:
+                        shards.append(
+                            Shard(
+                                id=len(shards),
+                                model=model.name,
+                                kind=kind,
+                                layer=site.name,
+                                fmt=fmt,
+                                bits=tuple(spec.bits_of(fmt)),
+                                sites=count,
+                                stop=count,
+                                seed=spec.seed,
+                                census=True,
+                            )
+                        )
+                        continue
                     shards.extend(
                         _stratum_shards(
                             spec,
@@ -96,11 +118,16 @@ def make_plan(spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: int
                             site.name,
                             fmt,
                             count,
-                            images,
+                            images[model.name],
                             first_id=len(shards),
                         )
                     )
     return shards
+
+
+def site_count(site: LayerSite, kind: str) -> int:
+    """Sites of ``kind`` in a layer: its weights, or its output elements per image."""
+    return site.weight_elements if kind == "weight" else site.neuron_elements
 
 
 def _stratum_shards(

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from bitstorm.errors import DataError
 from campaign.images import CampaignImages
 from campaign.plan import Shard
+from campaign.profile import Profile
 from campaign.spec import CampaignSpec
 from campaign.worker import ShardWorker
 
@@ -26,8 +27,14 @@ class ShardPool:
     """A pool of Ray actors that evaluate shards, replacing actors that die; kept across the
     rounds of a sequential campaign so models and golden caches load once."""
 
-    def __init__(self, spec: CampaignSpec, images: CampaignImages, progress: bool) -> None:
-        self.spec, self.images, self.progress = spec, images, progress
+    def __init__(
+        self,
+        spec: CampaignSpec,
+        images: dict[str, CampaignImages],
+        profile: Profile | None,
+        progress: bool,
+    ) -> None:
+        self.spec, self.images, self.profile, self.progress = spec, images, profile, progress
         self.actors: list[Any] = []
         self.generation: list[int] = []
 
@@ -48,7 +55,11 @@ class ShardPool:
         name = f"bitstorm-{self.spec.name}-worker-{slot}-{self.generation[slot]}"
         resources = self.spec.resources
         options = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
-        return ray.remote(ShardWorker).options(name=name, **options).remote(self.spec, self.images)
+        return (
+            ray.remote(ShardWorker)
+            .options(name=name, **options)
+            .remote(self.spec, self.images, self.profile)
+        )
 
     def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
         import ray

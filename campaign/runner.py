@@ -27,9 +27,11 @@ from campaign.images import (
     golden_table,
     load_models,
     select_images,
+    validation_top2diff,
 )
-from campaign.plan import Shard, make_plan
+from campaign.plan import Shard, make_plan, site_count
 from campaign.pool import ShardPool
+from campaign.profile import Profile, training_profile
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
 from campaign.store import Store
@@ -87,7 +89,31 @@ def validate(spec: CampaignSpec) -> CheckedCampaign:
             exclude=spec.exclude_layers,
         )
         sites[name] = list(space)
+        if spec.exhaustive_last_layer:
+            _check_final_layers(name, model, data, sites[name], spec.kinds)
     return CheckedCampaign(checkpoints, models, sites, data)
+
+
+def _check_final_layers(
+    name: str,
+    model: torch.nn.Module,
+    data: DataBundle,
+    sites: list[LayerSite],
+    kinds: list[str],
+) -> None:
+    """exhaustive_last_layer needs each kind's last layer to be a final classifier the
+    analytic path covers (a Linear whose output is the logits, or those times a constant)."""
+    from campaign.faults.engine import Engine
+
+    engine = Engine(model, torch.zeros(2, *data.image_shape), device="cpu")
+    for kind in kinds:
+        layers = [site.name for site in sites if site_count(site, kind) > 0]
+        if layers and not engine.analytic(layers[-1]):
+            raise ConfigError(
+                f"exhaustive_last_layer: model {name!r}'s last {kind} layer {layers[-1]!r} is "
+                "not a final Linear whose output is the logits (as is, or times a constant); "
+                "select layers that end at the classifier, or sample it"
+            )
 
 
 def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = True) -> Store:
@@ -107,11 +133,15 @@ def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = Tr
     for name, model in checked.models.items():
         path = store.golden_path(name)
         if not store.exists(path):
-            store.write_table(path, golden_table(model, images))
-    plan = make_plan(spec, checked.sites, len(images.indices))
-    record = _Recorder(store, spec, checked, fingerprint, images, plan)
+            store.write_table(path, golden_table(model, images[name]))
+    profile = None
+    if spec.range_restriction:
+        layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
+        profile = training_profile(spec, checked.models, layers, checked.data, store)
+    plan = make_plan(spec, checked.sites, {name: len(i.indices) for name, i in images.items()})
+    record = _Recorder(store, spec, checked, fingerprint, images, plan, profile)
     targets = None
-    with ShardPool(spec, images, progress) as pool:
+    with ShardPool(spec, images, profile, progress) as pool:
         record.run_round(plan, pool, "")
         if spec.sampling == "sequential":
             # Each round's decision reads only the shards of earlier rounds (ids grow with the
@@ -135,16 +165,20 @@ class _Recorder:
     spec: CampaignSpec
     checked: CheckedCampaign
     fingerprint: str
-    images: CampaignImages
+    images: dict[str, CampaignImages]
     plan: list[Shard]  # grows with the rounds of sequential sampling
+    profile: Profile | None
+    _cached: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def size(self, shard: Shard) -> int:
+        return shard.size(len(self.images[shard.model].indices))
 
     def run_round(self, shards: list[Shard], pool: ShardPool, label: str) -> None:
         """Record the plan so far, then run the shards of this round that have no file yet."""
         self.write("running")
-        n_images = len(self.images.indices)
         pending = [s for s in shards if not self.store.exists(self._path(s))]
-        total = sum(s.size(n_images) for s in shards)
-        todo = sum(s.size(n_images) for s in pending)
+        total = sum(map(self.size, shards))
+        todo = sum(map(self.size, pending))
         log.info(
             "campaign %s%s: %d shards (%d to run), %d trials",
             self.spec.name,
@@ -160,27 +194,27 @@ class _Recorder:
         self.store.write_json(self.store.manifest_path, self._manifest(status, targets))
 
     def _path(self, shard: Shard) -> str:
-        return self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id)
+        path = self.store.census_path if shard.census else self.store.shard_path
+        return path(shard.model, shard.kind, shard.layer, shard.id)
 
     def _manifest(self, status: str, targets: list[dict[str, Any]] | None) -> dict[str, Any]:
         import duckdb
         import pyarrow
         import ray
 
-        n_images = len(self.images.indices)
         return {
             "status": status,
             # sequential sampling: where each model x kind estimate ended, margin met or not
             "targets": targets,
             "fingerprint": self.fingerprint,
             "spec": to_dict(self.spec),
-            "images": self.images.indices,
-            "models": {
-                name: model_facts(manifest) for name, manifest in self.checked.checkpoints.items()
-            },
+            "images": {name: images.indices for name, images in self.images.items()},
+            "models": self._models(),
+            # range restriction: the bounds and what they were profiled on
+            "profile": None if self.profile is None else dataclasses.asdict(self.profile),
             "plan": {
                 "shards": len(self.plan),
-                "trials": sum(s.size(n_images) for s in self.plan),
+                "trials": sum(map(self.size, self.plan)),
                 "shard_list": [dataclasses.asdict(s) for s in self.plan],
             },
             "versions": {
@@ -192,6 +226,17 @@ class _Recorder:
                 "python": platform.python_version(),
             },
         }
+
+    def _models(self) -> dict[str, dict[str, Any]]:
+        facts = {name: model_facts(m) for name, m in self.checked.checkpoints.items()}
+        if self.spec.top2diff_images == "validation" and "val_top2diff" not in self._cached:
+            self._cached["val_top2diff"] = {
+                name: validation_top2diff(model, self.checked.data)
+                for name, model in self.checked.models.items()
+            }
+        for name, value in self._cached.get("val_top2diff", {}).items():
+            facts[name]["val_top2diff"] = value
+        return facts
 
 
 def model_facts(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,14 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from campaign.analysis.results import StratumCounts, bit_pools, by_estimate, counts, estimate
+from campaign.analysis.results import (
+    StratumCounts,
+    bit_pools,
+    by_estimate,
+    counts,
+    estimate,
+    weights,
+)
 from campaign.analysis.stats import Rate, neyman_allocation, neyman_total
 from campaign.plan import Shard, make_round
 from campaign.spec import CampaignSpec
@@ -33,6 +40,16 @@ class Target:
     margin: float
     confidence: float
     max_trials: int | None = None  # per model x kind
+    overall: str = "fault_space"  # how the reported rate weights its strata
+    allocation: str = "neyman"  # neyman, or equal trials per sampled stratum
+    relative: float | None = None  # margin as a share of the estimate, instead of ``margin``
+
+    def margin_for(self, rate: Rate) -> float:
+        """The half-width ``rate`` must reach: ``relative`` x its estimate, while it has one
+        (no SDC yet: the absolute ``margin``)."""
+        if self.relative is not None and rate.rate > 0:
+            return self.relative * rate.rate
+        return self.margin
 
 
 @dataclass(frozen=True)
@@ -51,16 +68,28 @@ class GroupStatus:
 def group_status(strata: Iterable[StratumCounts], target: Target) -> list[GroupStatus]:
     statuses = []
     for (model, kind), members in by_estimate(strata).items():
-        rate = estimate(members, target.confidence)
+        rate = estimate(members, target.confidence, overall=target.overall)
+        margin = target.margin_for(rate)
+        sampled, share = _sampled(members, target.overall)
+        # Census strata (the exhaustive last layer) add no variance: the sampled ones must
+        # reach the margin on their share of the weight alone.
+        needed = (
+            neyman_total(
+                *counts(sampled, target.overall),
+                margin / share,
+                target.confidence,
+                bit_pools(sampled),
+            )
+            if sampled
+            else 0
+        )
         statuses.append(
             GroupStatus(
                 model,
                 kind,
                 rate,
-                neyman_total(
-                    *counts(members), target.margin, target.confidence, bit_pools(members)
-                ),
-                rate.margin <= target.margin,
+                needed + sum(s.trials for s in members if s.census),
+                rate.margin <= margin and (target.relative is None or rate.sdc > 0),
                 None if target.max_trials is None else max(0, target.max_trials - rate.trials),
             )
         )
@@ -81,17 +110,35 @@ def next_round(
     for status in statuses if statuses is not None else group_status(strata, target):
         if status.met or status.budget_left == 0:
             continue
-        members = groups[status.model, status.kind]
-        trials = status.rate.trials
-        wanted = min(status.needed - trials, math.ceil(trials * (MAX_GROWTH - 1)))
+        members, _ = _sampled(groups[status.model, status.kind], target.overall)
+        if not members:
+            continue
+        trials = sum(s.trials for s in members)
+        needed = status.needed - (status.rate.trials - trials)
+        wanted = min(needed - trials, math.ceil(trials * (MAX_GROWTH - 1)))
         wanted = max(wanted, math.ceil(0.05 * trials), len(members))
         if status.budget_left is not None:
             wanted = min(wanted, status.budget_left)
-        allocation = neyman_allocation(*counts(members), wanted, bit_pools(members))
-        for member, count in zip(members, allocation.tolist(), strict=True):
+        if target.allocation == "equal":
+            per_stratum = math.ceil(wanted / len(members))
+            allocation = [per_stratum] * len(members)
+        else:
+            allocation = neyman_allocation(
+                *counts(members, target.overall), wanted, bit_pools(members)
+            ).tolist()
+        for member, count in zip(members, allocation, strict=True):
             if count > 0:
                 extra[member.model, member.kind, member.layer, member.fmt, member.bit] = count
     return extra
+
+
+def _sampled(members: list[StratumCounts], overall: str) -> tuple[list[StratumCounts], float]:
+    """The strata of a group that sampling can still improve (not a census), and their share
+    of the group's weight."""
+    weight = dict(zip(members, weights(members, overall), strict=True))
+    sampled = [s for s in members if not s.census]
+    total = sum(weight.values())
+    return sampled, (sum(weight[s] for s in sampled) / total if total else 1.0)
 
 
 def run_rounds(
@@ -104,7 +151,14 @@ def run_rounds(
     meets the margin, spends ``max_trials`` or ``max_rounds`` have run. ``strata_before(limit)``
     counts the trials of the shards with ids below ``limit``; ``run(shards, round)`` evaluates
     a round's new shards. ``plan`` grows in place. Returns where each estimate ended."""
-    target = Target(spec.margin, spec.confidence, spec.max_trials)
+    target = Target(
+        spec.margin,
+        spec.confidence,
+        spec.max_trials,
+        str(spec.overall),
+        str(spec.allocation),
+        spec.relative_margin,
+    )
     sites = {(s.model, s.kind, s.layer, s.fmt): s.sites for s in plan}
     round = 1
     while True:
@@ -124,10 +178,12 @@ def _finish(statuses: list[GroupStatus], spec: CampaignSpec) -> list[GroupStatus
     for s in statuses:
         if not s.met:
             log.warning(
-                "%s %s: margin %.3g NOT met (+-%.3g after %d trials): %s",
+                "%s %s: margin %s NOT met (+-%.3g after %d trials): %s",
                 s.model,
                 s.kind,
-                spec.margin,
+                f"{spec.margin:.3g}"
+                if spec.relative_margin is None
+                else f"{spec.relative_margin:.0%} of the estimate",
                 s.rate.margin,
                 s.rate.trials,
                 "max_trials spent"

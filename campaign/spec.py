@@ -22,11 +22,36 @@ from typing import Any
 
 from bitstorm.config import from_dict, load_config_data
 from bitstorm.errors import ConfigError
+from campaign.analysis.results import OVERALLS
 from campaign.faults.bits import FORMATS, format_width
 from campaign.faults.trials import KINDS
 
 SAMPLINGS = ("per_stratum", "exhaustive", "leveugle", "sequential")
-SEQUENTIAL_KEYS = ("margin", "confidence")
+IMAGE_SELECTIONS = ("every_model_correct", "own_correct", "any")
+ALLOCATIONS = ("neyman", "equal")
+TOP2DIFF_IMAGES = ("campaign", "validation")
+# A protocol is a named bundle of the measurement choices below (docs/protocols.md); a spec
+# may set any of them itself, and the manifest records every one as it was used.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    # goldeneye (the paper's tool), read from its code: ../shared/PROTOCOL.md
+    "goldeneye": {
+        "range_restriction": True,
+        "non_finite_sdc": False,
+        "image_selection": "own_correct",
+        "overall": "layer_mean",
+        "allocation": "equal",
+        "top2diff_images": "validation",
+    },
+    "bitstorm": {
+        "range_restriction": False,
+        "non_finite_sdc": True,
+        "image_selection": "every_model_correct",
+        "overall": "fault_space",
+        "allocation": "neyman",
+        "top2diff_images": "campaign",
+    },
+}
+SEQUENTIAL_KEYS = ("margin", "relative_margin", "confidence")
 # Metadata of the fields that say where a campaign runs, not what it measures.
 PLACE = {"place": True}
 
@@ -66,12 +91,23 @@ class CampaignSpec:
     output: str = field(default="results", metadata=PLACE)
     data_root: str = field(default="data", metadata=PLACE)
     resources: Resources = field(default_factory=Resources, metadata=PLACE)
-    # images: `images` of the data set's validation split, drawn with `image_seed`; with
-    # golden_correct_only, only images every model classifies correctly take part.
+    # how the campaign measures: a protocol's bundle fills every choice left out (None)
+    protocol: str = "bitstorm"
+    # goldeneye's range restriction of the faulty layer output, bounds profiled on the
+    # training split (profile_images of it, drawn with image_seed; None: all of it)
+    range_restriction: bool | None = None
+    profile_images: int | None = None
+    non_finite_sdc: bool | None = None  # False: a non-finite logit is not an SDC (goldeneye)
+    overall: str | None = None  # fault_space: strata by fault-space share; layer_mean: layers equal
+    allocation: str | None = None  # sequential rounds: neyman, or equal trials per stratum
+    top2diff_images: str | None = None  # the mean golden Top2Diff over these images
+    # images: `images` of the data set's validation split per model, drawn with `image_seed`;
+    # image_selection: every_model_correct (one image set every model gets right),
+    # own_correct (each model its own correct images with Top2Diff > 0), or any.
     dataset: str | None = None  # default: the first checkpoint's data set
     images: int = 256
     image_seed: int = 0
-    golden_correct_only: bool = True
+    image_selection: str | None = None
     # sites
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
     layers: list[str] = field(default_factory=lambda: ["*"])
@@ -79,23 +115,44 @@ class CampaignSpec:
     layer_types: str = "conv_linear"
     formats: list[str] = field(default_factory=lambda: ["fp32"])
     bits: list[int] | None = None  # default: every bit of each format
-    clamp: bool = False
     # sampling, per stratum (model x kind x layer x format x bit). ``sequential`` starts with
     # trials_per_stratum per stratum, then adds rounds of trials where the variance is until
     # every model x kind SDC rate has a half-width <= margin at confidence (or max_trials per
     # model x kind is spent). In YAML, ``sampling: {margin: m, confidence: c}`` is short for
-    # sequential with that margin and confidence.
+    # sequential with that margin and confidence. relative_margin, when set, asks instead for
+    # a half-width <= relative_margin x the estimate (a rate known to 10% of itself).
     sampling: str = "per_stratum"
     trials_per_stratum: int = 64
     margin: float = 0.01
+    relative_margin: float | None = None
     confidence: float = 0.95
     max_trials: int | None = None
+    # every site x bit x image of each model's final classifier (a final Linear, or a text
+    # head's class Linear), counted without a forward instead of sampled
+    exhaustive_last_layer: bool = False
     # max_rounds only decides when to stop: a rerun with more rounds goes on from there.
     max_rounds: int = field(default=40, metadata=PLACE)
     seed: int = 0
     shard_size: int = 4096  # trials per shard: shard ids and files depend on it
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        for name, value in PROTOCOLS[self.protocol].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name, allowed in (
+            ("image_selection", IMAGE_SELECTIONS),
+            ("overall", OVERALLS),
+            ("allocation", ALLOCATIONS),
+            ("top2diff_images", TOP2DIFF_IMAGES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        if self.profile_images is not None and self.profile_images <= 0:
+            raise ConfigError(f"profile_images must be positive, got {self.profile_images}")
         names = [m.name for m in self.models]
         if not self.models or len(set(names)) != len(names):
             raise ConfigError("models: give at least one model, each with a unique name")
@@ -120,6 +177,8 @@ class CampaignSpec:
             raise ConfigError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if not 0 < self.margin < 1 or not 0 < self.confidence < 1:
             raise ConfigError("margin and confidence must lie strictly between 0 and 1")
+        if self.relative_margin is not None and not 0 < self.relative_margin < 1:
+            raise ConfigError("relative_margin must lie strictly between 0 and 1, e.g. 0.1")
         for name in ("images", "trials_per_stratum", "shard_size", "max_rounds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -160,7 +219,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def _expand_sampling(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``sampling: {margin, confidence}`` -> sequential sampling with those targets."""
+    """``sampling: {margin | relative_margin, confidence}`` -> sequential sampling with those
+    targets."""
     data = dict(data)
     sampling = data.get("sampling")
     if not isinstance(sampling, Mapping):
@@ -168,7 +228,7 @@ def _expand_sampling(data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(sampling) - set(SEQUENTIAL_KEYS))
     if unknown or not sampling:
         raise ConfigError(
-            f"sampling: a mapping takes {' and '.join(SEQUENTIAL_KEYS)} "
+            f"sampling: a mapping takes {', '.join(SEQUENTIAL_KEYS)} "
             f"(sequential sampling to a margin), got {sorted(sampling)}"
         )
     for key, value in sampling.items():
@@ -179,7 +239,18 @@ def _expand_sampling(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+# Fields a protocol field replaced: what to write instead.
+REPLACED = {
+    "clamp": "range_restriction: true (goldeneye's range restriction, bounds from the "
+    "training split; protocol: goldeneye turns it on)",
+    "golden_correct_only": "image_selection: every_model_correct, own_correct or any",
+}
+
+
 def _refuse_moved_fields(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    for name, instead in REPLACED.items():
+        if name in data:
+            raise ConfigError(f"{name}: replaced by {instead}")
     moved = [f.name for f in dataclasses.fields(Resources) if f.name in data]
     if moved:
         raise ConfigError(

@@ -6,6 +6,12 @@ Layout (docs/design.md, "Results layout")::
     <out>/<campaign>/manifest.json
     <out>/<campaign>/golden/model=<m>/part-0.parquet
     <out>/<campaign>/trials/model=<m>/kind=<k>/layer=<l>/shard-<id>.parquet
+    <out>/<campaign>/census/model=<m>/kind=<k>/layer=<l>/shard-<id>.parquet
+    <out>/<campaign>/profile.json  (range-restriction bounds, when the campaign restricts)
+
+``census`` holds the exhaustive last layer as counts, not rows (every weight x bit x image of
+a final classifier is tens of millions of trials): one row per format, bit, golden-value range
+and whether the faulty unit is the image's golden top-1.
 
 A file is written under a temporary name starting with ``.`` (which pyarrow datasets and DuckDB
 globs skip) and then moved into place, so a shard exists only once it is complete.
@@ -57,6 +63,25 @@ GOLDEN_SCHEMA = pa.schema(
     ]
 )
 
+CENSUS_SCHEMA = pa.schema(
+    [
+        ("model", pa.dictionary(pa.int32(), pa.string())),
+        ("kind", pa.dictionary(pa.int8(), pa.string())),
+        ("layer", pa.dictionary(pa.int32(), pa.string())),
+        ("format", pa.string()),
+        ("bit", pa.int8()),
+        ("value_range", pa.int8()),  # index into VALUE_RANGES, of value_before
+        ("top1", pa.bool_()),  # the faulty output unit is the image's golden top-1
+        ("trials", pa.int64()),
+        ("sdc", pa.int64()),
+        ("non_finite", pa.int64()),
+        ("shard", pa.int32()),
+    ]
+)
+# The golden value ranges a census counts by: [-inf, -2), [-2, -1), ..., [2, inf).
+VALUE_RANGE_EDGES = (-2.0, -1.0, 0.0, 1.0, 2.0)
+VALUE_RANGES = ("v < -2", "-2 <= v < -1", "-1 <= v < 0", "0 <= v < 1", "1 <= v < 2", "v >= 2")
+
 # Partition columns live in the path, not in the file (hive partitioning), so readers that
 # scan the folder (pyarrow datasets, DuckDB's hive_partitioning) add them back.
 PARTITION_COLUMNS = ("model", "kind", "layer")
@@ -86,12 +111,21 @@ class Store:
             f"{self.root}/trials/model={model}/kind={kind}/layer={layer}/shard-{shard:06d}.parquet"
         )
 
+    def census_path(self, model: str, kind: str, layer: str, shard: int) -> str:
+        return (
+            f"{self.root}/census/model={model}/kind={kind}/layer={layer}/shard-{shard:06d}.parquet"
+        )
+
     def golden_path(self, model: str) -> str:
         return f"{self.root}/golden/model={model}/part-0.parquet"
 
     @property
     def manifest_path(self) -> str:
         return f"{self.root}/manifest.json"
+
+    @property
+    def profile_path(self) -> str:
+        return f"{self.root}/profile.json"
 
     def exists(self, path: str) -> bool:
         return self.filesystem.get_file_info(path).type == pafs.FileType.File
@@ -132,18 +166,19 @@ class Store:
                 raise DataError(f"{path} is corrupt: {error}") from None
 
 
-def trial_table(columns: dict[str, Any]) -> pa.Table:
-    """A table of trial rows in ``TRIAL_SCHEMA`` minus the partition columns (which the path
-    holds). ``columns`` maps column names to arrays, lists or scalars (broadcast)."""
-    names = [f.name for f in TRIAL_SCHEMA if f.name not in PARTITION_COLUMNS]
-    length = max(len(v) for v in columns.values() if _is_sequence(v))
+def trial_table(columns: dict[str, Any], schema: pa.Schema = TRIAL_SCHEMA) -> pa.Table:
+    """A table of rows in ``schema`` (trials, or census counts) minus the partition columns
+    (which the path holds). ``columns`` maps column names to arrays, lists or scalars
+    (broadcast)."""
+    names = [f.name for f in schema if f.name not in PARTITION_COLUMNS]
+    length = max((len(v) for v in columns.values() if _is_sequence(v)), default=0)
     arrays = []
     for name in names:
         value = columns[name]
-        field = TRIAL_SCHEMA.field(name)
+        field = schema.field(name)
         values = value if _is_sequence(value) else [value] * length
         arrays.append(pa.array(_as_list(values), type=field.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema([TRIAL_SCHEMA.field(n) for n in names]))
+    return pa.Table.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))
 
 
 def _is_sequence(value: Any) -> bool:

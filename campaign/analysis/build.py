@@ -15,6 +15,7 @@ from typing import Any
 from bitstorm.errors import DataError
 from campaign.analysis.compare import compare, label_models, pair_models
 from campaign.analysis.results import (
+    OVERALLS,
     Results,
     StratumCounts,
     group_by,
@@ -66,12 +67,22 @@ def load_campaign(location: str, results: Results, options: Options) -> Campaign
         if model not in by_model:
             continue
         kinds = {
-            kind: kind_report(kind, members, order[model, kind], sizes[model, kind], options)
+            kind: kind_report(
+                kind,
+                members,
+                order[model, kind],
+                sizes.get((model, kind), 0.0),
+                options,
+                results.overall,
+            )
             for kind, members in group_by(by_model[model], lambda s: s.kind).items()
         }
         images, top2diff = golden.get(model, (0, None))
         facts_of = facts.get(model, ModelFacts())
-        models.append(ModelReport(model, model, name, facts_of, images, top2diff, kinds))
+        over = spec.get("top2diff_images") or "campaign"
+        if over == "validation":
+            top2diff = facts_of.val_top2diff
+        models.append(ModelReport(model, model, name, facts_of, images, top2diff, kinds, over))
     return CampaignReport(name, location, results.store, results.manifest, trials, tuple(models))
 
 
@@ -93,7 +104,11 @@ def read_model_facts(manifest: dict[str, Any]) -> dict[str, ModelFacts]:
     import."""
     return {
         name: ModelFacts(
-            entry.get("backbone"), entry.get("head"), entry.get("dataset"), entry.get("val_top1")
+            entry.get("backbone"),
+            entry.get("head"),
+            entry.get("dataset"),
+            entry.get("val_top1"),
+            entry.get("val_top2diff"),
         )
         for name, entry in manifest.get("models", {}).items()
     }
@@ -131,30 +146,39 @@ def kind_report(
     layers: list[str],
     effective_trials: float,
     options: Options,
+    overall: str = "fault_space",
 ) -> KindReport:
+    """One model's rates for one kind: overall by the campaign's definition (and by the other,
+    where the kind has more than one layer), per layer, and per bit (weighted as overall)."""
     by_layer = group_by(strata, lambda s: s.layer)
     ordered = [layer for layer in layers if layer in by_layer]
     by_bit = group_by(strata, lambda s: (s.fmt, s.bit))
     rates = variance_rates(strata)  # the kind's strata are every layer's and bit's pool context
-    overall = estimate(strata, options, rates)
+    rate = estimate(strata, options, rates, overall)
+    other = next(rule for rule in OVERALLS if rule != overall)
     return KindReport(
         kind=kind,
-        overall=dataclasses.replace(overall, effective_trials=effective_trials),
+        overall=dataclasses.replace(rate, effective_trials=effective_trials),
         last_layer=ordered[-1],
         layers={layer: estimate(by_layer[layer], options, rates) for layer in ordered},
-        bits={bit: estimate(by_bit[bit], options, rates) for bit in sorted(by_bit)},
+        bits={bit: estimate(by_bit[bit], options, rates, overall) for bit in sorted(by_bit)},
         strata=tuple(strata),
+        overall_rule=overall,
+        alternative=estimate(strata, options, rates, other) if len(ordered) > 1 else None,
     )
 
 
 def estimate(
-    strata: Sequence[StratumCounts], options: Options, rates: Mapping[StratumCounts, float]
+    strata: Sequence[StratumCounts],
+    options: Options,
+    rates: Mapping[StratumCounts, float],
+    overall: str = "fault_space",
 ) -> Rate:
-    """The stratified estimate (campaign.analysis.results.estimate: strata weighted by
-    fault-space share, variance rates shrunk over the model and kind's bit pools); a rate that
+    """The stratified estimate (campaign.analysis.results.estimate: strata weighted as
+    ``overall`` says, variance rates shrunk over the model and kind's bit pools); a rate that
     rests on one stratum gets the binomial interval asked for (Wilson or Clopper-Pearson)
     instead of the normal approximation."""
-    combined = results_estimate(strata, options.confidence, rates)
+    combined = results_estimate(strata, options.confidence, rates, overall)
     if len(strata) > 1:
         return combined
     (stratum,) = strata

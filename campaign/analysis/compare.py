@@ -93,17 +93,30 @@ def compare(pairs: Sequence[Pair], options: Options) -> list[Comparison]:
         for kind in pair.baseline.kinds:
             if kind not in pair.text.kinds:
                 continue
+            baseline, text = pair.baseline.kinds[kind], pair.text.kinds[kind]
             last_layer, overall = (
-                improvement(part(pair.baseline, kind), part(pair.text, kind), options)
-                for part in (_last_layer, _overall)
+                improvement(part(pair.baseline, kind), part(pair.text, kind), options, rule)
+                for part, rule in ((_last_layer, "fault_space"), (_overall, text.overall_rule))
             )
-            comparisons.append(Comparison(pair.baseline, pair.text, kind, last_layer, overall))
+            alternative = None
+            if baseline.alternative is not None and text.alternative is not None:
+                alternative = improvement(
+                    _overall(pair.baseline, kind, alternative=True),
+                    _overall(pair.text, kind, alternative=True),
+                    options,
+                    text.alternative_rule,
+                )
+            comparisons.append(
+                Comparison(pair.baseline, pair.text, kind, last_layer, overall, alternative)
+            )
     return comparisons
 
 
-def _overall(model: ModelReport, kind: str) -> Sample:
+def _overall(model: ModelReport, kind: str, alternative: bool = False) -> Sample:
     report = model.kinds[kind]
-    return Sample(model.label, report.overall, report.strata)
+    rate = report.alternative if alternative else report.overall
+    assert rate is not None
+    return Sample(model.label, rate, report.strata)
 
 
 def _last_layer(model: ModelReport, kind: str) -> Sample:
@@ -112,9 +125,12 @@ def _last_layer(model: ModelReport, kind: str) -> Sample:
     return Sample(f"{model.label} {report.last_layer}", report.layers[report.last_layer], strata)
 
 
-def improvement(baseline: Sample, text: Sample, options: Options) -> Improvement:
-    """baseline / text SDC rate with a log-method interval (and a bootstrap one on request);
-    undefined, and said so, when either side saw no SDC."""
+def improvement(
+    baseline: Sample, text: Sample, options: Options, overall: str = "fault_space"
+) -> Improvement:
+    """baseline / text SDC rate with a log-method interval (and a bootstrap one on request,
+    its strata weighted as ``overall`` says); undefined, and said so, when either side saw no
+    SDC."""
     empty = [sample.label for sample in (baseline, text) if sample.rate.sdc == 0]
     if empty:
         return Improvement(missing=f"no SDC in {' or '.join(empty)}")
@@ -123,8 +139,8 @@ def improvement(baseline: Sample, text: Sample, options: Options) -> Improvement
     bootstrap = None
     if options.bootstrap:
         _, boot_low, boot_high = bootstrap_ratio_interval(
-            counts(baseline.strata),
-            counts(text.strata),
+            counts(baseline.strata, overall),
+            counts(text.strata, overall),
             options.confidence,
             resamples=options.bootstrap,
         )

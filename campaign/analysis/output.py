@@ -58,6 +58,7 @@ def report_json(report: Report) -> dict[str, Any]:
                 "location": c.location,
                 "status": c.manifest.get("status"),
                 "trials": c.trials,
+                "protocol": c.protocol,
                 "spec": c.manifest.get("spec"),
                 "versions": c.manifest.get("versions"),
             }
@@ -76,7 +77,11 @@ def report_json(report: Report) -> dict[str, Any]:
                 "baseline_last_layer": c.baseline.kinds[c.kind].last_layer,
                 "text_last_layer": c.text.kinds[c.kind].last_layer,
                 "improvement_last_layer": _improvement_json(c.last_layer),
+                "overall": c.text.kinds[c.kind].overall_rule,
                 "improvement_overall": _improvement_json(c.overall),
+                "improvement_overall_other": (
+                    None if c.alternative is None else _improvement_json(c.alternative)
+                ),
             }
             for c in report.comparisons
         ],
@@ -90,9 +95,14 @@ def _model_json(model: ModelReport, options: Options) -> dict[str, Any]:
         **dataclasses.asdict(model.facts),
         "images": model.images,
         "golden_top2diff": model.golden_top2diff,
+        "top2diff_images": model.top2diff_images,
         "kinds": {
             kind.kind: {
+                "overall_rule": kind.overall_rule,
                 "overall": dataclasses.asdict(kind.overall),
+                "overall_other": (
+                    None if kind.alternative is None else dataclasses.asdict(kind.alternative)
+                ),
                 "effective_trials": kind.overall.effective_trials,
                 "last_layer": kind.last_layer,
                 "layers": [{"layer": k, **dataclasses.asdict(r)} for k, r in kind.layers.items()],
@@ -126,6 +136,7 @@ def _stratum_json(stratum: StratumCounts, options: Options) -> dict[str, Any]:
         "trials": stratum.trials,
         "sdc": stratum.sdc,
         "population": stratum.population,
+        "census": stratum.census,
         "rate": stratum.sdc / stratum.trials,
         "low": low,
         "high": high,

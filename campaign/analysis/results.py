@@ -2,7 +2,7 @@
 files of any pyarrow file system (a local folder or a URI such as ``s3://bucket/prefix/name``),
 with the hive partition columns (model, kind, layer) restored from the paths.
 
-    >>> results = open_results("bitstorm-default/campaigns/digits_default")
+    >>> results = open_results("bitstorm-default/campaigns/digits_bitstorm")
     >>> results.sql("select model, kind, avg(sdc::int) from trials group by all").df()
 
 Only complete shards are visible: writers use hidden temporary names (``.``-prefixed), which
@@ -11,6 +11,7 @@ pyarrow datasets skip.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,11 +23,13 @@ import pyarrow.fs as pafs
 
 from bitstorm.errors import DataError
 from campaign.analysis.stats import Rate, shrunk_rates, stratified_estimate
-from campaign.store import GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
+from campaign.store import CENSUS_SCHEMA, GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
 
 if TYPE_CHECKING:
     import pandas
 
+# How a rate over several layers weights its strata (:func:`weights`).
+OVERALLS = ("fault_space", "layer_mean")
 T = TypeVar("T")
 K = TypeVar("K")
 
@@ -54,16 +57,23 @@ class Results:
     connection: duckdb.DuckDBPyConnection
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """Run SQL over the views ``trials`` and ``golden``; returns a lazy relation
+        """Run SQL over the views ``trials``, ``golden`` and ``census`` (the exhaustive last
+        layer's counts); returns a lazy relation
         (``.df()``, ``.arrow()``, ``.fetchall()``)."""
         return self.connection.sql(query)
 
     def df(self, query: str) -> pandas.DataFrame:
         return self.sql(query).df()
 
+    def images(self, model: str) -> int:
+        """Campaign images of ``model`` (manifests before per-model images list one set)."""
+        images = self.manifest.get("images", [])
+        return len(images.get(model, []) if isinstance(images, dict) else images)
+
     @property
-    def images(self) -> int:
-        return len(self.manifest.get("images", []))
+    def overall(self) -> str:
+        """The campaign's definition of an "overall" rate (campaign.spec.OVERALLS)."""
+        return self.manifest.get("spec", {}).get("overall") or "fault_space"
 
     def sites(self) -> dict[tuple[str, str, str, str], int]:
         """Sites per (model, kind, layer, format) from the plan: per image for neurons."""
@@ -82,8 +92,11 @@ class Results:
             if not s.get("counts")
         }
         rows = self.sql(
-            "select model, kind, layer, format, bit, count(*), sum(sdc::int) "
-            f"from trials where {where} group by all order by all"
+            "select model, kind, layer, format, bit, sum(n), sum(k) from ("
+            f"select model, kind, layer, format, bit, count(*) as n, sum(sdc::int) as k "
+            f"from trials where {where} group by all union all "
+            "select model, kind, layer, format, bit, sum(trials), sum(sdc) "
+            f"from census where {where} group by all) group by all order by all"
         ).fetchall()
         strata = []
         for model, kind, layer, fmt, bit, trials, sdc in rows:
@@ -92,7 +105,7 @@ class Results:
                     f"{self.store.root}: trials of {model}/{kind}/{layer}/{fmt} are not in the "
                     "manifest's plan (files from another campaign?)"
                 )
-            population = sites[model, kind, layer, fmt] * max(1, self.images)
+            population = sites[model, kind, layer, fmt] * max(1, self.images(model))
             census = (model, kind, layer, fmt) in exhaustive and trials >= population
             strata.append(
                 StratumCounts(
@@ -119,6 +132,7 @@ def results_of(store: Store) -> Results:
     connection = duckdb.connect()
     connection.register("trials", _dataset(store, "trials", TRIAL_SCHEMA, PARTITION_COLUMNS))
     connection.register("golden", _dataset(store, "golden", GOLDEN_SCHEMA, ("model",)))
+    connection.register("census", _dataset(store, "census", CENSUS_SCHEMA, PARTITION_COLUMNS))
     return Results(store, manifest, connection)
 
 
@@ -135,9 +149,25 @@ def by_estimate(strata: Iterable[StratumCounts]) -> dict[tuple[str, str], list[S
     return dict(sorted(group_by(strata, lambda s: (s.model, s.kind)).items()))
 
 
-def counts(strata: Sequence[StratumCounts]) -> tuple[list[int], list[int], list[int]]:
-    """(successes, trials, population) columns, as campaign.analysis.stats takes them."""
-    return [s.sdc for s in strata], [s.trials for s in strata], [s.population for s in strata]
+def weights(strata: Sequence[StratumCounts], overall: str = "fault_space") -> list[float]:
+    """Each stratum's weight in a rate over ``strata``: ``fault_space``, its share of the fault
+    space (every possible trial counts once); ``layer_mean``, every layer alike and the strata
+    of a layer by their share of it (goldeneye's "overall": equal injections per layer, so the
+    mean of the per-layer rates)."""
+    if overall == "fault_space":
+        return [float(s.population) for s in strata]
+    layer_size: Counter[tuple[str, str, str]] = Counter()
+    for s in strata:
+        layer_size[s.model, s.kind, s.layer] += s.population
+    return [s.population / layer_size[s.model, s.kind, s.layer] / len(layer_size) for s in strata]
+
+
+def counts(
+    strata: Sequence[StratumCounts], overall: str = "fault_space"
+) -> tuple[list[int], list[int], list[float]]:
+    """(successes, trials, weight) columns, as campaign.analysis.stats takes them (its
+    ``population``: only the strata's relative weights matter there)."""
+    return [s.sdc for s in strata], [s.trials for s in strata], weights(strata, overall)
 
 
 def bit_pools(strata: Sequence[StratumCounts]) -> list[tuple[str, str, str, int]]:
@@ -157,25 +187,31 @@ def estimate(
     strata: Sequence[StratumCounts],
     confidence: float = 0.95,
     rates: Mapping[StratumCounts, float] | None = None,
+    overall: str = "fault_space",
 ) -> Rate:
-    """The stratified estimate over ``strata``, with the shrinkage pooled by bit position:
-    ``rates`` from :func:`variance_rates` over a larger context (a layer's rate takes the
-    model's other layers: they are the evidence that a bit never corrupts anything), else over
-    ``strata`` themselves."""
+    """The stratified estimate over ``strata`` weighted as ``overall`` says (:func:`weights`),
+    with the shrinkage pooled by bit position: ``rates`` from :func:`variance_rates` over a
+    larger context (a layer's rate takes the model's other layers: they are the evidence that a
+    bit never corrupts anything), else over ``strata`` themselves."""
     rates = variance_rates(strata) if rates is None else rates
     return stratified_estimate(
-        *counts(strata),
+        *counts(strata, overall),
         confidence=confidence,
         variance_rates=[rates[s] for s in strata],
         census=[s.census for s in strata],
     )
 
 
-def overall_rates(results: Results, confidence: float = 0.95) -> dict[tuple[str, str], Rate]:
-    """The SDC rate of each model and kind over all its trials, by (model, kind): each stratum
-    weighted by its share of the fault space, with an interval at ``confidence``."""
+def overall_rates(
+    results: Results, confidence: float = 0.95, overall: str | None = None
+) -> dict[tuple[str, str], Rate]:
+    """The SDC rate of each model and kind over all its trials, by (model, kind), weighted as
+    ``overall`` says (default: the campaign's own definition), with an interval at
+    ``confidence``."""
+    overall = overall or results.overall
     return {
-        key: estimate(members, confidence) for key, members in by_estimate(results.strata()).items()
+        key: estimate(members, confidence, overall=overall)
+        for key, members in by_estimate(results.strata()).items()
     }
 
 

@@ -9,9 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitstorm.errors import ConfigError
-from campaign.analysis.results import StratumCounts
+from campaign.analysis.results import OVERALLS, StratumCounts
 from campaign.analysis.stats import Rate, clopper_pearson_interval, wilson_interval
 from campaign.store import Store
+
+# What a report calls each definition of an overall rate.
+OVERALL_NAMES = {
+    "fault_space": "fault-space weighted",
+    "layer_mean": "mean of per-layer rates",
+}
 
 # The binomial interval of a rate that rests on one stratum, by its --interval name.
 INTERVALS: dict[str, Callable[[int, int, float], tuple[float, float]]] = {
@@ -41,11 +47,19 @@ class KindReport:
     """One model's results for one fault kind; ``overall`` carries the effective trials."""
 
     kind: str
-    overall: Rate
+    overall: Rate  # by the campaign's definition, ``overall_rule``
     last_layer: str
     layers: dict[str, Rate]  # in module order
     bits: dict[tuple[str, int], Rate]  # (format, bit), ascending
     strata: tuple[StratumCounts, ...]
+    overall_rule: str = "fault_space"  # campaign.spec.OVERALLS
+    # The other definition of "overall", where the kind has more than one layer (so the two
+    # can differ): every rate a user sees says which one it is.
+    alternative: Rate | None = None
+
+    @property
+    def alternative_rule(self) -> str:
+        return next(rule for rule in OVERALLS if rule != self.overall_rule)
 
     @property
     def formats(self) -> list[str]:
@@ -60,6 +74,7 @@ class ModelFacts:
     head: str | None = None
     dataset: str | None = None
     val_top1: float | None = None
+    val_top2diff: float | None = None  # mean golden Top2Diff over the validation split
 
 
 @dataclass(frozen=True)
@@ -69,8 +84,9 @@ class ModelReport:
     campaign: str
     facts: ModelFacts
     images: int
-    golden_top2diff: float | None
+    golden_top2diff: float | None  # percent, over the images ``top2diff_images`` names
     kinds: dict[str, KindReport]
+    top2diff_images: str = "campaign"
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,10 @@ class CampaignReport:
     manifest: dict[str, Any]
     trials: int
     models: tuple[ModelReport, ...]
+
+    @property
+    def protocol(self) -> str:
+        return self.manifest.get("spec", {}).get("protocol") or "bitstorm (before protocols)"
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,8 @@ class Comparison:
     text: ModelReport
     kind: str
     last_layer: Improvement
-    overall: Improvement
+    overall: Improvement  # by the campaigns' definition of overall
+    alternative: Improvement | None = None  # by the other definition, where one exists
 
     @property
     def model(self) -> str:

@@ -201,9 +201,11 @@ class Engine:
         bits: Sequence[int] | None = None,
         kind: str = "weight",
         sites_per_chunk: int = 64,
+        sites: range | None = None,
     ) -> Iterator[tuple[TrialGroup, Outcomes]]:
-        """Every site x bit x image of ``layer`` for faults of ``kind``, exhaustively, in chunks
-        of sites (weights, or output elements per image), nested (site, bit, image).
+        """Every site (of ``sites``; default all) x bit x image of ``layer`` for faults of
+        ``kind``, exhaustively, in chunks of sites (weights, or output elements per image),
+        nested (site, bit, image).
 
         Where the layer is a Linear whose output is the model's output, as is or times a constant
         (a plain final classifier, or a text head's class Linear and its logit scale), no forward
@@ -211,13 +213,14 @@ class Engine:
         """
         site = self.sites[layer]
         self._validate(cache, TrialGroup(kind, layer, fmt, *[torch.zeros(0, dtype=torch.long)] * 3))
+        count = site.weight_elements if kind == "weight" else site.neuron_elements
+        sites = range(count) if sites is None else sites
         bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
         n_images = len(cache)
         golden = self._golden_logits(cache, layer)
-        count = site.weight_elements if kind == "weight" else site.neuron_elements
         rules = LastLayerRules(self.restriction, self._setting.non_finite_sdc)
-        for start in range(0, count, sites_per_chunk):
-            chosen = torch.arange(start, min(start + sites_per_chunk, count))
+        for start in range(sites.start, sites.stop, sites_per_chunk):
+            chosen = torch.arange(start, min(start + sites_per_chunk, sites.stop))
             per_site = len(bit_list) * n_images
             group = TrialGroup(
                 kind,

@@ -273,8 +273,6 @@ def _each_fault(
         finally:
             flat[element] = original
         image = group.image[chosen].to(setting.device)
-        results.append(
-            setting.outcomes(logits, golden_top1[image], before[chosen], after[chosen])
-        )
+        results.append(setting.outcomes(logits, golden_top1[image], before[chosen], after[chosen]))
         order.append(chosen)
     return Outcomes.cat(results).select(torch.argsort(torch.cat(order)))

@@ -21,7 +21,8 @@ class GoldenCache:
     ``values``: golden values by graph node, for every image, when they fit in the engine's
     cache budget (empty otherwise, or for a model without a traced graph: then each run
     recomputes them chunk by chunk). ``peaks``: max |output| per layer over these images, filled
-    on first need (int8 neuron scales; range-restriction bounds come from the training split, not from here).
+    on first need (int8 neuron scales; range-restriction bounds come from the training split,
+    never from here).
     """
 
     images: torch.Tensor

@@ -76,7 +76,7 @@ def write_campaign(
             "sampling": "per_stratum",
             "trials_per_stratum": max(n for n, _ in counts.values()),
             "images": images,
-            "golden_correct_only": True,
+            "image_selection": "every_model_correct",
         },
         "images": list(range(images)),
         "plan": {

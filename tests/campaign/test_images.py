@@ -25,7 +25,7 @@ def _checkpoint(folder, **data) -> str:
 
 def _spec(tmp_path, checkpoints, **fields) -> CampaignSpec:
     models = [{"name": f"m{i}", "checkpoint": c} for i, c in enumerate(checkpoints)]
-    settings = {"images": 16, "golden_correct_only": False, "output": str(tmp_path / "out")}
+    settings = {"images": 16, "image_selection": "any", "output": str(tmp_path / "out")}
     return CampaignSpec.parse({"models": models, **settings, **fields})
 
 
@@ -34,7 +34,7 @@ def test_images_come_from_the_checkpoints_own_split_and_size(tmp_path):
     validation images, at 24x24, normalised as in training; none of them is a training image."""
     spec = _spec(tmp_path, [_checkpoint(tmp_path / "ckpt", seed=7, image_size=24)])
     checked = validate(spec)
-    images = select_images(spec, checked.models, checked.data)
+    images = select_images(spec, checked.models, checked.data)["m0"]
     assert images.images.shape[1:] == (3, 24, 24)
     assert checked.data.image_shape == (3, 24, 24)
     own = digits(seed=7, image_size=24)
@@ -68,8 +68,41 @@ class NeverRight(nn.Module):
 
 def test_no_qualifying_image_is_a_data_error_that_says_what_to_do(tmp_path):
     data = build_data("digits")
-    spec = _spec(tmp_path, ["/nonexistent"], golden_correct_only=True, images=8)
-    with pytest.raises(DataError, match="golden_correct_only: false"):
+    spec = _spec(tmp_path, ["/nonexistent"], image_selection="every_model_correct", images=8)
+    with pytest.raises(DataError, match="image_selection: any"):
         select_images(spec, {"m0": NeverRight()}, data)
     relaxed = _spec(tmp_path, ["/nonexistent"], images=8)
-    assert len(select_images(relaxed, {"m0": NeverRight()}, data).indices) == 8
+    assert len(select_images(relaxed, {"m0": NeverRight()}, data)["m0"].indices) == 8
+
+
+class Always(nn.Module):
+    """Predicts one class, by a clear margin (Top2Diff > 0), or a tie of two (Top2Diff 0)."""
+
+    def __init__(self, label: int, tie: bool = False) -> None:
+        super().__init__()
+        self.label, self.tie = label, tie
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(images), 10)
+        logits[:, self.label] = 1.0
+        if self.tie:
+            logits[:, (self.label + 1) % 10] = 1.0
+        return logits
+
+
+def test_own_correct_gives_each_model_its_own_correct_images_with_a_margin(tmp_path):
+    """goldeneye's selection: per model, images it classifies correctly with Top2Diff > 0;
+    a shared selection finds none that both get right."""
+    data = build_data("digits")
+    models = {"zero": Always(0), "one": Always(1)}
+    spec = _spec(tmp_path, ["/x", "/y"], image_selection="own_correct", images=6)
+    chosen = select_images(spec, {"m0": models["zero"], "m1": models["one"]}, data)
+    assert chosen["m0"].labels.tolist() == [0] * 6 and chosen["m1"].labels.tolist() == [1] * 6
+    assert set(chosen["m0"].indices).isdisjoint(chosen["m1"].indices)
+    assert [int(data.val[i][1]) for i in chosen["m1"].indices] == [1] * 6
+    shared = _spec(tmp_path, ["/x", "/y"], image_selection="every_model_correct", images=6)
+    with pytest.raises(DataError, match="no image qualifies"):
+        select_images(shared, {"m0": models["zero"], "m1": models["one"]}, data)
+    tied = _spec(tmp_path, ["/x"], image_selection="own_correct", images=6)
+    with pytest.raises(DataError, match="no image qualifies for model m0"):
+        select_images(tied, {"m0": Always(0, tie=True)}, data)

@@ -100,8 +100,8 @@ def test_round_trials_are_deterministic_yet_differ_between_shards_and_positions(
 
 @pytest.mark.parametrize("sampling", ["per_stratum", {"margin": 0.01}])
 def test_first_round_trials_depend_on_the_stratum_not_on_shard_size(sampling):
-    small = make_plan(_spec(shard_size=10, sampling=sampling), SITES, IMAGES)
-    large = make_plan(_spec(shard_size=1000, sampling=sampling), SITES, IMAGES)
+    small = make_plan(_spec(shard_size=10, sampling=sampling), SITES, {"m": IMAGES})
+    large = make_plan(_spec(shard_size=1000, sampling=sampling), SITES, {"m": IMAGES})
     assert len(small) > len(large)  # packed differently...
     assert all(s.round == 0 and set(s.counts) == {8} for s in small + large)
     assert _by_stratum(small) == _by_stratum(large)  # ...but the same trials per stratum

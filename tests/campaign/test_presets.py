@@ -73,8 +73,9 @@ def test_preset_follows_the_paper_protocol(path):
     assert spec.layers == ["*"] and spec.exclude_layers == EXCLUDED.get(path.stem, [])
     assert spec.layer_types == "conv_linear"
     assert spec.formats == ["fp32"] and spec.bits is None  # bits uniform over fp32
-    assert spec.golden_correct_only is True
-    assert spec.clamp is False
+    assert spec.protocol == "goldeneye" and spec.range_restriction is True
+    assert spec.image_selection == "own_correct" and spec.overall == "layer_mean"
+    assert spec.non_finite_sdc is False and spec.exhaustive_last_layer is True
     assert spec.dataset == path.stem.split("_")[0]
     if spec.dataset == "digits":  # this machine: local, CPU
         assert spec.resources.gpus_per_actor == 0 and not spec.output.startswith("s3://")

@@ -54,7 +54,7 @@ def _spec(checkpoints, output, **changes):
         ],
         "name": "test",
         "images": 16,
-        "golden_correct_only": False,
+        "image_selection": "any",
         "trials_per_stratum": 6,
         "formats": ["fp32", "int8"],
         "bits": [0, 6, 7],
@@ -78,8 +78,10 @@ def _trials(output):
 
 def _planned(spec):
     checked = validate(spec)
-    images = select_images(spec, checked.models, checked.data)
-    return make_plan(spec, checked.sites, len(images.indices)), images, checked.models
+    per_model = select_images(spec, checked.models, checked.data)
+    images = next(iter(per_model.values()))  # one image set: image_selection is shared here
+    plan = make_plan(spec, checked.sites, {name: len(i.indices) for name, i in per_model.items()})
+    return plan, images, checked.models
 
 
 def test_results_hold_exactly_the_planned_trials_and_agree_with_the_reference(
@@ -291,3 +293,77 @@ def test_a_killed_driver_resumes_on_rerun(ray_local, checkpoints, tmp_path):
         assert got["index"].tolist() == expected.index.tolist()
         assert got["bit"].tolist() == expected.bit.tolist()
         assert [position[i] for i in got["image"]] == expected.image.tolist()
+
+
+def test_a_goldeneye_campaign_profiles_on_the_training_split_and_counts_the_last_layer(
+    ray_local, checkpoints, tmp_path
+):
+    """protocol: goldeneye end to end: bounds from the training split (in profile.json and the
+    manifest), each model its own correct images, the last layer as exact census counts that
+    the engine's own suffix path reproduces, and a report that names the protocol."""
+    from campaign.analysis.build import build_report
+    from campaign.analysis.render import console_summary
+    from campaign.analysis.summary import Options
+    from campaign.faults.engine import Engine
+    from campaign.faults.inject import RangeRestriction
+    from campaign.faults.sites import activation_peaks
+    from campaign.faults.trials import TrialGroup
+
+    spec = _spec(
+        checkpoints,
+        tmp_path,
+        protocol="goldeneye",
+        image_selection="own_correct",
+        images=6,
+        exhaustive_last_layer=True,
+        formats=["fp32"],
+        bits=[23, 30],
+    )
+    store = run_campaign(spec, progress=False)
+    results = results_of(store)
+    manifest = results.manifest
+    checked = validate(spec)
+    train = torch.stack([checked.data.train[i][0] for i in range(len(checked.data.train))])
+    for name, model in checked.models.items():
+        bounds = manifest["profile"]["bounds"][name]
+        assert bounds == pytest.approx(activation_peaks(model, train, list(bounds)))
+    assert manifest["profile"]["images"] == len(checked.data.train)
+    assert Store.open(str(tmp_path), "test").exists(store.profile_path)
+    images = select_images(spec, checked.models, checked.data)
+    assert manifest["images"] == {name: i.indices for name, i in images.items()}
+    for name, model in checked.models.items():  # own images: correct, with a margin
+        with torch.no_grad():
+            logits = model(images[name].images)
+        assert torch.equal(logits.argmax(dim=1), images[name].labels)
+    # The last layer: every weight x bit x image once, and the suffix path agrees.
+    census = results.sql(
+        "select model, kind, layer, sum(trials), sum(sdc) from census group by all"
+    ).fetchall()
+    assert {(m, k) for m, k, *_ in census} == {(m, k) for m in ("base", "text") for k in spec.kinds}
+    for model, kind, layer, trials, sdc in census:
+        engine = Engine(
+            checked.models[model],
+            images[model].images[:2],
+            device="cpu",
+            restriction=RangeRestriction(manifest["profile"]["bounds"][model]),
+            non_finite_sdc=False,
+        )
+        cache = engine.golden(images[model].images)
+        site = engine.sites[layer]
+        sites = site.weight_elements if kind == "weight" else site.neuron_elements
+        n = len(images[model].indices)
+        assert trials == sites * 2 * n
+        group = TrialGroup(
+            kind,
+            layer,
+            "fp32",
+            torch.arange(sites).repeat_interleave(2 * n),
+            torch.tensor([23, 30]).repeat_interleave(n).repeat(sites),
+            torch.arange(n).repeat(2 * sites),
+        )
+        assert int(engine.run(cache, group).sdc.sum()) == sdc
+    last = [s for s in results.strata() if s.census]
+    assert last and all(s.trials == s.population for s in last)
+    text = console_summary(build_report([store.root], Options()))
+    assert "protocol goldeneye (range restriction on" in text
+    assert "mean of per-layer rates" in text

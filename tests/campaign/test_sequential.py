@@ -206,3 +206,31 @@ def test_a_layer_unlike_the_rest_of_its_bit_still_gets_its_trials():
     rate, _, rounds = _simulate(keys, rates, population, target, np.random.default_rng(3))
     assert rate.margin <= target.margin
     assert rounds < 20
+
+
+def test_a_relative_margin_is_met_only_at_that_share_of_the_estimate():
+    """relative_margin 0.1: a rate of 10% needs a half-width of 1%, not the absolute margin."""
+    strata = [StratumCounts("m", "weight", "l", "fp32", bit, 400, 40, 1000) for bit in (0, 1)]
+    loose = group_status(strata, Target(margin=0.05, confidence=0.95))[0]
+    assert loose.met and loose.rate.margin > 0.02
+    tight = group_status(strata, Target(margin=0.05, confidence=0.95, relative=0.1))[0]
+    assert not tight.met and tight.needed > 3 * loose.rate.trials
+    extra = next_round(strata, Target(margin=0.05, confidence=0.95, relative=0.1))
+    assert sum(extra.values()) > 0
+
+
+def test_equal_allocation_gives_every_sampled_stratum_the_same_trials():
+    strata = [
+        StratumCounts("m", "weight", "l", "fp32", 0, 100, 0, 1000),
+        StratumCounts("m", "weight", "l", "fp32", 1, 100, 50, 1000),
+    ]
+    target = Target(margin=0.001, confidence=0.95, allocation="equal")
+    extra = next_round(strata, target)
+    assert len(set(extra.values())) == 1 and len(extra) == 2
+
+
+def test_census_strata_get_no_more_trials_and_add_no_variance():
+    census = StratumCounts("m", "weight", "fc", "fp32", 0, 5000, 50, 5000, census=True)
+    sampled = StratumCounts("m", "weight", "conv", "fp32", 0, 50, 5, 100000)
+    extra = next_round([census, sampled], Target(margin=0.001, confidence=0.95))
+    assert ("m", "weight", "fc", "fp32", 0) not in extra and extra

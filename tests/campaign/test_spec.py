@@ -38,9 +38,12 @@ def test_a_margin_mapping_means_sequential_sampling(tmp_path):
 @pytest.mark.parametrize(
     ("sampling", "message"),
     [
-        ({"margin": 0.01, "confidance": 0.95}, r"sampling: a mapping takes margin and confidence"),
+        (
+            {"margin": 0.01, "confidance": 0.95},
+            r"sampling: a mapping takes margin, relative_margin, confidence",
+        ),
         ({"trials": 100}, r"sampling: .*\['trials'\]"),
-        ({}, r"sampling: a mapping takes margin and confidence"),
+        ({}, r"sampling: a mapping takes margin, relative_margin, confidence"),
         ({"margin": "0.01"}, r"sampling\.margin must be a number, got '0.01'"),
         ({"confidence": True}, r"sampling\.confidence must be a number"),
         ({"margin": None}, r"sampling\.margin must be a number"),
@@ -110,3 +113,39 @@ def test_the_spec_is_typed_once(tmp_path):
         _parse(resources={"actors": 0})
     with pytest.raises(ConfigError, match=r"unknown field 'gpus'"):
         _parse(resources={"gpus": 1})
+
+
+def test_a_protocol_fills_every_choice_left_out_and_a_spec_may_override_each():
+    goldeneye = _parse(protocol="goldeneye")
+    assert (goldeneye.range_restriction, goldeneye.non_finite_sdc) == (True, False)
+    assert (goldeneye.image_selection, goldeneye.overall) == ("own_correct", "layer_mean")
+    assert (goldeneye.allocation, goldeneye.top2diff_images) == ("equal", "validation")
+    default = _parse()
+    assert default.protocol == "bitstorm" and default.range_restriction is False
+    assert default.overall == "fault_space" and default.image_selection == "every_model_correct"
+    mixed = _parse(protocol="goldeneye", range_restriction=False, overall="fault_space")
+    assert mixed.range_restriction is False and mixed.overall == "fault_space"
+    assert mixed.non_finite_sdc is False  # the rest still the protocol's
+    # Every resolved choice is measured: switching one changes the fingerprint.
+    ids = {"m": "sha"}
+    assert mixed.fingerprint(ids) != goldeneye.fingerprint(ids)
+    assert _parse(protocol="goldeneye", non_finite_sdc=False).fingerprint(ids) == (
+        goldeneye.fingerprint(ids)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"protocol": "pytorchfi"}, r"protocol: 'pytorchfi' is not one of goldeneye, bitstorm"),
+        ({"overall": "pooled"}, r"overall: 'pooled' is not one of fault_space, layer_mean"),
+        ({"image_selection": "best"}, r"image_selection: 'best' is not one of"),
+        ({"clamp": True}, r"clamp: replaced by range_restriction: true"),
+        ({"golden_correct_only": False}, r"golden_correct_only: replaced by image_selection"),
+        ({"profile_images": 0}, r"profile_images must be positive"),
+        ({"relative_margin": 1.5}, r"relative_margin must lie strictly between 0 and 1"),
+    ],
+)
+def test_bad_protocol_choices_are_refused_naming_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        _parse(**fields)

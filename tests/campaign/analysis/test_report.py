@@ -247,8 +247,10 @@ def test_console_summary_has_the_rates_and_the_reports_comparison(zoo):
     report = build_report([zoo], Options(confidence=0.9))
     text = console_summary(report)
     table, comparison = text.split("\n\n", 1)
-    header, *rows = table.splitlines()
+    protocol, header, *rows = table.splitlines()
+    assert protocol.startswith("campaign zoo: protocol") and "range restriction off" in protocol
     assert "90% interval" in header and len(rows) == 2
+    assert "fault-space weighted; mean of per-layer rates: " in rows[0]
     base = report.models[0].kinds["weight"].overall
     assert rows[0].split()[:4] == ["base", "weight", "60", f"{base.rate:.3%}"]
     assert f"[{base.low:.3%}, {base.high:.3%}]" in rows[0]

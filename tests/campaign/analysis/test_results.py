@@ -148,7 +148,7 @@ def test_parent_and_name_or_one_path_open_the_same_campaign(campaign):
     assert one.manifest == two.manifest
     query = "select model, kind, layer, bit, count(*) n from trials group by all order by all"
     assert one.sql(query).fetchall() == two.sql(query).fetchall()
-    assert one.images == two.images == IMAGES
+    assert one.images("base") == two.images("text") == IMAGES
 
 
 def test_a_layer_estimate_takes_its_bit_pools_from_the_context():
