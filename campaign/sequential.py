@@ -90,7 +90,9 @@ def group_status(strata: Iterable[StratumCounts], target: Target) -> list[GroupS
                 rate,
                 needed + sum(s.trials for s in members if s.census),
                 rate.margin <= margin and (target.relative is None or rate.sdc > 0),
-                None if target.max_trials is None else max(0, target.max_trials - rate.trials),
+                None
+                if target.max_trials is None
+                else max(0, target.max_trials - sum(s.trials for s in sampled)),
             )
         )
     return statuses

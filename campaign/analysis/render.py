@@ -70,10 +70,15 @@ def _accuracy(value: float | None) -> str:
 def _ratio(result: Improvement) -> str:
     if result.missing:
         return f"n/a ({result.missing})"
-    text = f"{result.ratio:.2f} [{result.low:.2f}, {result.high:.2f}]"
+    text = f"{result.ratio:.2f} [{result.low:.2f}, {_bound(result.high)}]"
     if result.bootstrap:
         text += f"; bootstrap [{result.bootstrap[0]:.2f}, {result.bootstrap[1]:.2f}]"
     return text
+
+
+def _bound(value: float) -> str:
+    """A ratio's upper end; beyond 1000 it says only that (a rate near 0 below it)."""
+    return "> 1000" if value > 1000 else f"{value:.2f}"
 
 
 def _top2diff(value: float | None, signed: bool = False) -> str:
