@@ -106,3 +106,20 @@ def test_first_round_trials_depend_on_the_stratum_not_on_shard_size(sampling):
     assert all(s.round == 0 and set(s.counts) == {8} for s in small + large)
     assert _by_stratum(small) == _by_stratum(large)  # ...but the same trials per stratum
     assert len(_by_stratum(small)) == 2 * 2 * 3  # kinds x layers x bits
+
+
+def test_an_exhaustive_last_layer_is_one_census_shard_per_kind_and_format():
+    plan = make_plan(_spec(exhaustive_last_layer=True), SITES, {"m": IMAGES})
+    census = [s for s in plan if s.census]
+    assert [(s.kind, s.layer) for s in census] == [("weight", "fc"), ("neuron", "fc")]
+    for shard in census:
+        sites = 320 if shard.kind == "weight" else 10
+        assert (shard.start, shard.stop, shard.bits) == (0, sites, (0, 5, 30))
+        assert shard.size(IMAGES) == sites * 3 * IMAGES
+        group = shard.trials(IMAGES)  # every site x bit x image exactly once
+        assert len(
+            set(zip(group.index.tolist(), group.bit.tolist(), group.image.tolist(), strict=True))
+        ) == (sites * 3 * IMAGES)
+    sampled = [s for s in plan if not s.census]
+    assert {s.layer for s in sampled} == {"conv1"}
+    assert [s.layer for s in make_plan(_spec(), SITES, {"m": IMAGES})].count("fc") >= 2

@@ -13,7 +13,7 @@ from torch import nn
 
 from bitstorm.errors import ConfigError
 from campaign.faults.analytic import final_linear_scale
-from campaign.faults.bits import FORMATS, flip
+from campaign.faults.bits import FORMATS, flip, int8_scale
 from campaign.faults.engine import Engine
 from campaign.faults.inject import RangeRestriction
 from campaign.faults.reference import Trial, reference_logits
@@ -553,3 +553,28 @@ def test_each_cache_profiles_its_own_images():
     for cache, peak in ((first, peak_quiet), (second, peak_loud)):
         after = engine.run(cache, group).value_after.abs()
         assert float(after.max()) == pytest.approx(peak * 128 / 127, rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8"])
+def test_value_before_is_the_value_as_the_format_stores_it_for_weights_and_neurons(fmt):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    images = torch.randn(3, 8)
+    engine = Engine(model, images[:1], device="cpu")
+    cache = engine.golden(images)
+    weight = model[0].weight.detach().reshape(-1)
+    stored = flip(flip(weight, 0, fmt, _scale(weight, fmt)), 0, fmt, _scale(weight, fmt))
+    out = engine.run(cache, _single("weight", "0", 5, 1, 0, fmt=fmt))
+    assert float(out.value_before[0]) == float(stored[5])
+    assert fmt == "int8" or float(out.value_before[0]) != float(weight[5])
+    logits = model(images).detach()
+    peak = engine.profile(cache, ["0"])["0"]
+    scale = peak / 127 if fmt == "int8" else None
+    element = logits[2, 1:2]
+    stored_neuron = flip(flip(element, 0, fmt, scale), 0, fmt, scale)
+    out = engine.run(cache, _single("neuron", "0", 1, 1, 2, fmt=fmt))
+    assert float(out.value_before[0]) == pytest.approx(float(stored_neuron[0]), rel=0, abs=0)
+
+
+def _scale(weight: torch.Tensor, fmt: str) -> torch.Tensor | None:
+    return int8_scale(weight) if fmt == "int8" else None
