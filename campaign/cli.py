@@ -166,5 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     except BitstormError as error:
         parser.exit(2, f"error: {error}\n")
     print(console_summary(report))
-    print(f"\nby layer and bit, with plots: python -m campaign.report {' '.join(roots)}")
+    compare = f" --compare {roots[1]}" if len(roots) > 1 else ""
+    print(f"\nby layer and bit, with plots: python -m campaign.report {roots[0]}{compare}")
     return 0

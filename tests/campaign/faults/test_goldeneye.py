@@ -1,7 +1,7 @@
 """The engine's goldeneye mode against goldeneye's own semantics, re-implemented here by hand.
 
 Why this file exists (issue 12, item 6): the paper's numbers come from goldeneye
-(/work/shared/PROTOCOL.md), so ``Engine(restriction=RangeRestriction(bounds),
+(../shared/PROTOCOL.md, docs/protocols.md), so ``Engine(restriction=RangeRestriction(bounds),
 non_finite_sdc=False)`` must give, trial by trial, what goldeneye would. This check shares no
 code with the engine's injection path (no campaign.faults.inject / bits / evaluators / sites):
 it profiles its own per-layer bounds on a separate "training" set, and injects the way goldeneye
