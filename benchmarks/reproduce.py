@@ -56,7 +56,7 @@ def campaign_specs(base: CampaignSpec, args: argparse.Namespace) -> dict[str, Ca
         "kinds": ["weight", "neuron"],
         "sampling": "sequential",
         # Where the rounds put their trials changes no estimate, only what a margin costs:
-        # goldeneye's equal allocation would need ~30x the trials here (docs/reproduction.md).
+        # equal allocation spends as much on strata that never corrupt as on those that do.
         "allocation": "neyman",
         "relative_margin": args.relative_margin,
         "confidence": args.confidence,
@@ -272,7 +272,10 @@ def render(facts: dict[str, Any]) -> str:
         f"Every overall rate was sampled sequentially until its {facts['confidence']:.0%} "
         f"interval's half-width was at most {facts['relative_margin']:.0%} of the estimate; the "
         "last layer (`fc`, and the text head's class Linear `fc.classes`) was counted "
-        "exhaustively (every site x bit x image, no sampling error).",
+        "exhaustively (every site x bit x image, no sampling error). One choice differs from "
+        "goldeneye's bundle in every campaign here: sequential rounds put their trials where "
+        "the variance is (`allocation: neyman`) rather than equally per stratum, which changes "
+        "what a margin costs, never what is estimated.",
         "",
         "## Headline",
         "",
