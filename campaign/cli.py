@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard earlier results of this campaign instead of resuming",
     )
     parser.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="join this Ray cluster ('auto': the one running on this machine, as under ray "
+        "submit); default: RAY_ADDRESS if set, else a private local Ray",
+    )
+    parser.add_argument(
         "--output",
         default="bitstorm-default",
         help="folder for the default run's models and results (default: ./bitstorm-default)",
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default runs offline
             specs = default_campaigns(Path(args.output).resolve())
-        roots = [run_campaign(spec, fresh=args.fresh).root for spec in specs]
+        roots = [run_campaign(spec, fresh=args.fresh, address=args.address).root for spec in specs]
         report = build_report(roots, Options(confidence=specs[0].confidence))
     except BitstormError as error:
         parser.exit(2, f"error: {error}\n")

@@ -10,6 +10,7 @@ resolution. Models trained on different data configs cannot share a campaign."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA
 from trainers.checkpoint import load_checkpoint
 from trainers.data import DataBundle, DataConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ def select_images(
     answer); ``own_correct`` keeps, per model, its own correct images with Top2Diff > 0
     (goldeneye's); ``any`` keeps every image."""
     val = data.val
+    if spec.images > len(val):
+        raise ConfigError(
+            f"images: {spec.images}, but the validation split has {len(val)} images; ask for "
+            f"at most {len(val)}"
+        )
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(spec.image_seed))
     shared = spec.image_selection != "own_correct"
     kept: dict[str, list[tuple[int, torch.Tensor, int]]] = {name: [] for name in models}
@@ -96,6 +104,15 @@ def select_images(
             "is misclassified; check that the models were trained on this data set, or set "
             "image_selection: any"
         )
+    for name, k in kept.items():
+        if len(k) < spec.images:
+            log.warning(
+                "model %s: only %d of the %d validation images qualify (%s); it is tested on those",
+                name,
+                len(k),
+                spec.images,
+                spec.image_selection,
+            )
     return {
         name: CampaignImages(
             [c for c, _, _ in k[: spec.images]],

@@ -8,6 +8,7 @@ pure function of (campaign seed, stratum, shard), so rerunning a shard reproduce
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from campaign.analysis.stats import leveugle_sample_size
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import TrialGroup
 from campaign.spec import CampaignSpec
+from campaign.store import ShardSeal
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,19 @@ class Shard:
         if self.exhaustive:
             return (self.stop - self.start) * images * len(self.bits)
         return sum(self.counts)
+
+    def seal(self, images: int) -> ShardSeal:
+        """What this shard's file must be (campaign.store.ShardSeal): its id, its trials, a
+        digest of which trials (index, bit, image) they are, and its rows. A census shard's
+        trials are every (site, bit, image) of its range, so its descriptor is its digest."""
+        if self.census:
+            text = json.dumps([self.start, self.stop, list(self.bits), images]).encode()
+            return ShardSeal(self.id, self.size(images), hashlib.sha256(text).hexdigest())
+        group = self.trials(images)
+        digest = hashlib.sha256()
+        for column in (group.index, group.bit, group.image):
+            digest.update(column.to(torch.int64).numpy().tobytes())
+        return ShardSeal(self.id, len(group), digest.hexdigest(), rows=len(group))
 
     def trials(self, images: int) -> TrialGroup:
         indices, bits, image_ids = [], [], []

@@ -50,8 +50,6 @@ class ShardPool:
     def _start(self, slot: int) -> Any:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
         name = f"bitstorm-{self.spec.name}-worker-{slot}-{self.generation[slot]}"
         resources = self.spec.resources
         options = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}

@@ -1,6 +1,7 @@
 """bitstorm's entry point: ``python campaign/run.py`` on one machine, and
-``ray submit cluster.yaml campaign/run.py -- --spec FILE`` on a cluster (Ray copies only this
-file to the head node, so it imports the installed package, never its neighbours).
+``ray submit cluster.yaml campaign/run.py -- --address auto --spec FILE`` on a cluster (Ray
+copies only this file to the head node, so it imports the installed package, never its
+neighbours).
 
 With no arguments it runs the embedded default (campaign.default); see campaign.cli for the rest.
 """

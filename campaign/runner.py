@@ -1,8 +1,9 @@
 """The campaign driver: validate, plan, hand shards to the actor pool, resume, record.
 
 The driver holds shard descriptors and counts, never trial rows: actors write their own Parquet
-shards. A shard is done exactly when its file exists (it is written under a temporary name and
-renamed), so a rerun skips finished shards and redoes the rest.
+shards. A shard is done exactly when its file exists and is sealed as the plan's shard (written
+under a temporary name, fsynced and renamed; its footer carries its id, trials and a digest of
+which trials), so a rerun skips finished shards, moves damaged ones aside and redoes the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from bitstorm import __version__
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
+from bitstorm.ray_cluster import check_grantable, connect
 from campaign.analysis.results import results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import (
@@ -53,6 +55,13 @@ class CheckedCampaign:
     @property
     def model_ids(self) -> dict[str, str]:
         """Each model's identity by content: the sha256 of its weights."""
+        missing = [name for name, m in self.checkpoints.items() if not m.get("weights_sha256")]
+        if missing:
+            raise ConfigError(
+                f"models[{missing[0]}].checkpoint: its manifest has no weights_sha256, so the "
+                "campaign cannot tell its weights from another's; save it with "
+                "trainers.checkpoint.save_checkpoint"
+            )
         return {name: m["weights_sha256"] for name, m in self.checkpoints.items()}
 
 
@@ -116,10 +125,22 @@ def _check_final_layers(
             )
 
 
-def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = True) -> Store:
-    """Run (or resume) the campaign; returns its store, every planned trial on disk."""
+def run_campaign(
+    spec: CampaignSpec,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    address: str | None = None,
+) -> Store:
+    """Run (or resume) the campaign; returns its store, every planned trial on disk.
+    ``address``: a Ray cluster to join (else ``RAY_ADDRESS``; else a private local Ray)."""
+    # Everything a user can get wrong is refused before anything is written.
     checked = validate(spec)
     fingerprint = spec.fingerprint(checked.model_ids)
+    images = select_images(spec, checked.models, checked.data)
+    resources = spec.resources
+    private = connect(address)
+    check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
     store = Store.open(spec.output, spec.name)
     if fresh:
         store.filesystem.delete_dir_contents(store.root, missing_dir_ok=True)
@@ -129,7 +150,6 @@ def run_campaign(spec: CampaignSpec, *, fresh: bool = False, progress: bool = Tr
             f"{store.root} holds results of a different campaign spec; pass "
             "--fresh to replace them, or choose another name or output"
         )
-    images = select_images(spec, checked.models, checked.data)
     for name, model in checked.models.items():
         path = store.golden_path(name)
         if not store.exists(path):
@@ -176,7 +196,7 @@ class _Recorder:
     def run_round(self, shards: list[Shard], pool: ShardPool, label: str) -> None:
         """Record the plan so far, then run the shards of this round that have no file yet."""
         self.write("running")
-        pending = [s for s in shards if not self.store.exists(self._path(s))]
+        pending = [s for s in shards if not self._done(s)]
         total = sum(map(self.size, shards))
         todo = sum(map(self.size, pending))
         log.info(
@@ -192,6 +212,25 @@ class _Recorder:
 
     def write(self, status: str, targets: list[dict[str, Any]] | None = None) -> None:
         self.store.write_json(self.store.manifest_path, self._manifest(status, targets))
+
+    def _done(self, shard: Shard) -> bool:
+        """Whether ``shard``'s file is there and is that shard (its seal and rows match the
+        plan); a damaged or foreign file is moved aside, logged, and the shard redone."""
+        path = self._path(shard)
+        if not self.store.exists(path):
+            return False
+        seal = shard.seal(len(self.images[shard.model].indices))
+        problem = self.store.seal_problem(path, seal)
+        if problem is None:
+            return True
+        log.warning(
+            "shard %d at %s: %s; moved to %s, redoing it",
+            shard.id,
+            path,
+            problem,
+            self.store.move_aside(path),
+        )
+        return False
 
     def _path(self, shard: Shard) -> str:
         path = self.store.census_path if shard.census else self.store.shard_path

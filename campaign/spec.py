@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class ModelEntry:
     name: str
     checkpoint: str
     embeddings: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "models[].name")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,12 @@ class CampaignSpec:
         names = [m.name for m in self.models]
         if not self.models or len(set(names)) != len(names):
             raise ConfigError("models: give at least one model, each with a unique name")
+        check_name(self.name, "name")
+        for name in ("kinds", "formats", "layers"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: give at least one (or leave {name} out: the default)")
+        if self.bits is not None and not self.bits:
+            raise ConfigError("bits: give at least one bit position (or leave bits out: all)")
         for kind in self.kinds:
             if kind not in KINDS:
                 raise ConfigError(f"kinds: {kind!r} is not one of {', '.join(KINDS)}")
@@ -209,6 +219,19 @@ class CampaignSpec:
         measured["models"] = [(m.name, model_ids[m.name]) for m in self.models]
         text = json.dumps(measured, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Names become folder names (the campaign's, and a model's hive partition): nothing that could
+# leave the output folder or be read as a path separator.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str, field_name: str) -> None:
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{field_name}: {name!r} is not a safe name; use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, no '..', at most 128 characters)"
+        )
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CampaignSpec:

@@ -20,9 +20,10 @@ globs skip) and then moved into place, so a shard exists only once it is complet
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bitstorm.atomic import json_bytes
-from bitstorm.errors import DataError
+from bitstorm.errors import ConfigError, DataError
 
 TRIAL_SCHEMA = pa.schema(
     [
@@ -82,6 +83,22 @@ CENSUS_SCHEMA = pa.schema(
 VALUE_RANGE_EDGES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 VALUE_RANGES = ("v < -2", "-2 <= v < -1", "-1 <= v < 0", "0 <= v < 1", "1 <= v < 2", "v >= 2")
 
+# The key of a shard's seal in its Parquet footer.
+SEAL_KEY = "bitstorm.shard"
+
+
+@dataclass(frozen=True)
+class ShardSeal:
+    """What a shard file must be: its shard id, its trials and a digest of which trials they
+    are (campaign.plan.Shard.seal), and its row count where rows are trials (None for census
+    counts). Written into the file's footer by the worker, checked on resume and by readers."""
+
+    shard: int
+    trials: int
+    digest: str
+    rows: int | None = None
+
+
 # Partition columns live in the path, not in the file (hive partitioning), so readers that
 # scan the folder (pyarrow datasets, DuckDB's hive_partitioning) add them back.
 PARTITION_COLUMNS = ("model", "kind", "layer")
@@ -99,7 +116,12 @@ class Store:
         """``uri`` is a local folder or any URI pyarrow understands (s3://, gs://, file://)."""
         try:
             filesystem, path = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError):
+        except (pa.ArrowInvalid, ValueError) as error:
+            if "://" in uri:  # a URI pyarrow cannot open, not a folder named "foo:"
+                raise ConfigError(
+                    f"output {uri!r}: pyarrow opens no file system for it ({error}); use a "
+                    "local folder or a URI such as s3://bucket/prefix or gs://bucket/prefix"
+                ) from None
             filesystem, path = pafs.LocalFileSystem(), _absolute_local(uri)
         root = f"{path.rstrip('/')}/{campaign}"
         if create:
@@ -130,12 +152,45 @@ class Store:
     def exists(self, path: str) -> bool:
         return self.filesystem.get_file_info(path).type == pafs.FileType.File
 
-    def write_table(self, path: str, table: pa.Table) -> None:
-        """Write ``table`` as zstd Parquet, atomically."""
+    def write_table(self, path: str, table: pa.Table, seal: ShardSeal | None = None) -> None:
+        """Write ``table`` as zstd Parquet, atomically; a shard carries its ``seal`` in the
+        file's metadata, so that a reader can tell it is the shard the plan defines."""
+        if seal is not None:
+            table = table.replace_schema_metadata({SEAL_KEY: json.dumps(asdict(seal))})
         self._write_atomically(
             path,
             lambda stream: pq.write_table(table, stream, compression="zstd", use_dictionary=True),
         )
+
+    def seal_problem(self, path: str, expected: ShardSeal) -> str | None:
+        """Why the shard file at ``path`` is not the one ``expected`` describes (its footer does
+        not read, it has no seal, another shard's seal, or another row count), or None when it
+        is. Reads the footer only."""
+        try:
+            with self.filesystem.open_input_file(path) as stream:
+                metadata = pq.read_metadata(stream)
+        except (OSError, pa.ArrowException) as error:
+            return f"unreadable ({error})"
+        raw = (metadata.metadata or {}).get(SEAL_KEY.encode())
+        if raw is None:
+            return "no bitstorm seal in its footer (not written by this campaign)"
+        try:
+            seal = ShardSeal(**json.loads(raw))
+        except (TypeError, ValueError):
+            return "a damaged seal"
+        if seal != expected:
+            return f"sealed as {seal}, the plan says {expected}"
+        if expected.rows is not None and metadata.num_rows != expected.rows:
+            return f"{metadata.num_rows} rows where its seal says {expected.rows}"
+        return None
+
+    def move_aside(self, path: str) -> str:
+        """Move a damaged file out of the results, under ``damaged/``, keeping its path."""
+        relative = path[len(self.root) + 1 :]
+        target = f"{self.root}/damaged/{relative}.{uuid.uuid4().hex[:8]}"
+        self.filesystem.create_dir(target.rpartition("/")[0], recursive=True)
+        self.filesystem.move(path, target)
+        return target
 
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
         data = json_bytes(payload)
@@ -145,15 +200,23 @@ class Store:
         """``write`` to a hidden temporary name beside ``path``, then move it into place; a
         failure removes the temporary file, so nothing half-written is left under any name."""
         folder, _, name = path.rpartition("/")
-        self.filesystem.create_dir(folder, recursive=True)
         temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
+            self.filesystem.create_dir(folder, recursive=True)
+            if isinstance(self.filesystem, pafs.LocalFileSystem):
+                _write_durably(temporary, path, write)
+                return
             with self.filesystem.open_output_stream(temporary) as stream:
                 write(stream)
-            self.filesystem.move(temporary, path)
-        except BaseException:
+            self.filesystem.move(temporary, path)  # an object store's put is atomic
+        except BaseException as error:
             if self.filesystem.get_file_info(temporary).type == pafs.FileType.File:
                 self.filesystem.delete_file(temporary)
+            if isinstance(error, OSError):  # read-only, full, gone: the user's to fix
+                raise DataError(
+                    f"cannot write {path}: {error.strerror or error}; check that the output "
+                    "folder is writable and has room (finished shards are kept: rerun to go on)"
+                ) from None
             raise
 
     def read_json(self, path: str) -> dict[str, Any] | None:
@@ -179,6 +242,21 @@ def trial_table(columns: dict[str, Any], schema: pa.Schema = TRIAL_SCHEMA) -> pa
         values = value if _is_sequence(value) else [value] * length
         arrays.append(pa.array(_as_list(values), type=field.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))
+
+
+def _write_durably(temporary: str, path: str, write: Callable[[Any], object]) -> None:
+    """A local file written, fsynced, renamed into place and its folder fsynced, so that after a
+    crash the name holds either nothing or the whole file."""
+    with open(temporary, "wb") as stream:
+        write(stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _is_sequence(value: Any) -> bool:

@@ -82,7 +82,9 @@ class ShardWorker:
             }
         )
         self.store.write_table(
-            self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id), table
+            self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id),
+            table,
+            shard.seal(len(images.indices)),
         )
         return {"shard": shard.id, "rows": table.num_rows, "sdc": int(out.sdc.sum())}
 
@@ -103,5 +105,6 @@ class ShardWorker:
         self.store.write_table(
             self.store.census_path(shard.model, shard.kind, shard.layer, shard.id),
             tally.table(shard.fmt, shard.id),
+            shard.seal(len(self.images[shard.model].indices)),
         )
         return {"shard": shard.id, "rows": int(tally.trials.sum()), "sdc": int(tally.sdc.sum())}

@@ -136,10 +136,17 @@ class ChatClient:
             wait = c.backoff_s * 2**attempt
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=c.timeout_s) as response:
+                with _OPENER.open(request, timeout=c.timeout_s) as response:
                     return _parse_choices(json.loads(response.read()))
             except urllib.error.HTTPError as error:
-                detail = error.read().decode(errors="replace")[:300]
+                detail = self._redacted(error.read().decode(errors="replace")[:300])
+                if 300 <= error.code < 400:
+                    raise ConfigError(
+                        f"LLM endpoint {url} answered {error.code}, a redirect to "
+                        f"{self._redacted(str(error.headers.get('Location')))}; redirects are "
+                        "not followed (the API key would go with them): set base_url to the "
+                        "final address"
+                    ) from None
                 if error.code not in RETRYABLE_STATUS:
                     raise ConfigError(
                         f"LLM endpoint {url} answered {error.code}: {detail}. "
@@ -155,12 +162,28 @@ class ChatClient:
                 time.sleep(wait)
         raise DataError(f"LLM endpoint {url} failed {c.max_retries + 1} times; last: {problem}")
 
+    def _redacted(self, text: str) -> str:
+        """``text`` with the API key blanked: error bodies may echo the request's headers."""
+        key = self.config.api_key
+        return text.replace(key, "<api key>") if key else text
+
     def _throttle(self) -> None:
         now = time.monotonic()
         if now < self._next_slot:
             time.sleep(self._next_slot - now)
         self._next_slot = max(now, self._next_slot) + 60.0 / self.config.requests_per_minute
         self.requests_sent += 1
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib would resend the request, Authorization header and all,
+    to whatever host the answer names."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def question(template: str, class_name: str) -> str:

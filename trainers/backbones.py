@@ -53,6 +53,19 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False) ->
 
     if timm.is_model(name):
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    check_backbone(name)
+    raise AssertionError("check_backbone refuses every name no branch above builds")
+
+
+def check_backbone(name: str) -> None:
+    """Refuse a backbone name no source knows, with close matches: before training starts, so
+    that Ray Train never retries what no retry can fix."""
+    import timm
+    import torchvision
+
+    torchvision_models = torchvision.models.list_models(module=torchvision.models)
+    if name in BUILTIN or name in torchvision_models or timm.is_model(name):
+        return
     known = [*BUILTIN, *torchvision_models, *timm.list_models()]
     close = difflib.get_close_matches(name, known, n=5)
     raise ConfigError(

@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 from bitstorm.config import to_dict
+from bitstorm.ray_cluster import connect
 from embeddings.build import build_embeddings
 from embeddings.descriptions import clean_descriptions, load_descriptions
 from embeddings.encoders import load_encoder
 from embeddings.store import load_embeddings, save_embeddings
+from trainers.backbones import check_backbone
 from trainers.config import TrainConfig
 from trainers.data import dataset_class_names
 from trainers.heads import head_kind
@@ -61,23 +63,23 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
     Rerunning the same config (same ``output`` and ``name``) resumes from its latest checkpoint:
     after a crash, or to train for more epochs.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
 
+    check_backbone(cfg.backbone)
     cfg = resolve_embeddings(cfg)
     if cfg.num_workers == 0:
         log.warning(
             "num_workers=0 runs the loop in this process (Ray Train local mode): "
             "nothing is checkpointed; use it for debugging only"
         )
-    if not ray.is_initialized():
-        # Ray's own actors log at ERROR only: without Ray's dashboard packages, Train's
-        # placement-group watcher would warn every second that the state API is unavailable.
-        # The loop prints its own progress line per epoch.
-        ray.init(logging_config=ray.LoggingConfig(log_level="ERROR"))
+    # A private local Ray unless RAY_ADDRESS names a cluster (bitstorm.ray_cluster). Ray's own
+    # actors log at ERROR only: without Ray's dashboard packages, Train's placement-group
+    # watcher would warn every second that the state API is unavailable. The loop prints its
+    # own progress line per epoch.
+    connect()
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

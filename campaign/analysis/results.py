@@ -5,12 +5,13 @@ with the hive partition columns (model, kind, layer) restored from the paths.
     >>> results = open_results("bitstorm-default/campaigns/digits_bitstorm")
     >>> results.sql("select model, kind, avg(sdc::int) from trials group by all").df()
 
-Only complete shards are visible: writers use hidden temporary names (``.``-prefixed), which
-pyarrow datasets skip.
+Only the files the store writes for the manifest's plan are read: writers use hidden temporary
+names, and a stray file, a renamed copy or a shard of another plan is never counted.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,11 +101,6 @@ class Results:
         ).fetchall()
         strata = []
         for model, kind, layer, fmt, bit, trials, sdc in rows:
-            if (model, kind, layer, fmt) not in sites:
-                raise DataError(
-                    f"{self.store.root}: trials of {model}/{kind}/{layer}/{fmt} are not in the "
-                    "manifest's plan (files from another campaign?)"
-                )
             population = sites[model, kind, layer, fmt] * max(1, self.images(model))
             census = (model, kind, layer, fmt) in exhaustive and trials >= population
             strata.append(
@@ -130,10 +126,30 @@ def results_of(store: Store) -> Results:
     if manifest is None:
         raise DataError(f"{store.root} is not a campaign folder (it has no manifest.json)")
     connection = duckdb.connect()
-    connection.register("trials", _dataset(store, "trials", TRIAL_SCHEMA, PARTITION_COLUMNS))
-    connection.register("golden", _dataset(store, "golden", GOLDEN_SCHEMA, ("model",)))
-    connection.register("census", _dataset(store, "census", CENSUS_SCHEMA, PARTITION_COLUMNS))
+    planned = _planned_files(manifest)
+    for folder, schema in (("trials", TRIAL_SCHEMA), ("census", CENSUS_SCHEMA)):
+        dataset = _dataset(store, folder, schema, PARTITION_COLUMNS, planned[folder].__contains__)
+        connection.register(folder, dataset)
+    golden = _dataset(store, "golden", GOLDEN_SCHEMA, ("model",), _GOLDEN_NAME.fullmatch)
+    connection.register("golden", golden)
     return Results(store, manifest, connection)
+
+
+_GOLDEN_NAME = re.compile(r"model=[^/]+/part-0\.parquet")
+
+
+def _planned_files(manifest: dict[str, Any]) -> dict[str, set[str]]:
+    """The files the store writes for the manifest's plan, by folder, relative to it: the only
+    ones a reader reads (a copy named ``shard-000088 (1).parquet``, a stray file or a shard of
+    another plan is never counted)."""
+    files: dict[str, set[str]] = {"trials": set(), "census": set()}
+    for shard in manifest.get("plan", {}).get("shard_list", []):
+        folder = "census" if shard.get("census") else "trials"
+        files[folder].add(
+            f"model={shard['model']}/kind={shard['kind']}/layer={shard['layer']}/"
+            f"shard-{shard['id']:06d}.parquet"
+        )
+    return files
 
 
 def group_by(items: Iterable[T], key: Callable[[T], K]) -> dict[K, list[T]]:
@@ -216,10 +232,15 @@ def overall_rates(
 
 
 def _dataset(
-    store: Store, folder: str, schema: pa.Schema, partitions: tuple[str, ...]
+    store: Store,
+    folder: str,
+    schema: pa.Schema,
+    partitions: tuple[str, ...],
+    wanted: Callable[[str], object],
 ) -> ds.Dataset:
-    """The Parquet files under ``folder`` with the partition columns (strings) taken from the
-    paths; an empty table of the same columns when no file exists yet."""
+    """The Parquet files under ``folder`` whose path relative to it is ``wanted``, with the
+    partition columns (strings) taken from the paths; an empty table of the same columns when
+    there are none yet."""
     partitioning = ds.partitioning(pa.schema([(c, pa.string()) for c in partitions]), flavor="hive")
     path = f"{store.root}/{folder}"
     columns = [pa.field(c, pa.string()) for c in partitions]
@@ -227,8 +248,18 @@ def _dataset(
     empty = ds.dataset(pa.schema(columns).empty_table())
     if store.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         return empty
-    dataset = ds.dataset(
-        path, filesystem=store.filesystem, format="parquet", partitioning=partitioning
+    found = store.filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = [
+        info.path
+        for info in found
+        if info.type == pafs.FileType.File and wanted(info.path[len(path) + 1 :])
+    ]
+    if not files:
+        return empty
+    return ds.dataset(
+        sorted(files),
+        filesystem=store.filesystem,
+        format="parquet",
+        partitioning=partitioning,
+        partition_base_dir=path,
     )
-    # A folder whose only files are hidden (a first shard still being written) has no columns.
-    return dataset if dataset.files else empty

@@ -106,3 +106,12 @@ def test_own_correct_gives_each_model_its_own_correct_images_with_a_margin(tmp_p
     tied = _spec(tmp_path, ["/x"], image_selection="own_correct", images=6)
     with pytest.raises(DataError, match="no image qualifies for model m0"):
         select_images(tied, {"m0": Always(0, tie=True)}, data)
+
+
+def test_more_images_than_the_split_holds_are_refused(tmp_path):
+    data = build_data("digits")
+    spec = _spec(tmp_path, ["/x"], images=100_000)
+    with pytest.raises(
+        ConfigError, match=rf"images: 100000, but the validation split has {len(data.val)}"
+    ):
+        select_images(spec, {"m0": NeverRight()}, data)

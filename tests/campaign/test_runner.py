@@ -367,3 +367,69 @@ def test_a_goldeneye_campaign_profiles_on_the_training_split_and_counts_the_last
     text = console_summary(build_report([store.root], Options()))
     assert "protocol goldeneye (range restriction on" in text
     assert "mean of per-layer rates" in text
+
+
+def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
+    ray_local, checkpoints, tmp_path
+):
+    """A shard truncated to half its bytes, one rewritten with half its rows (seal kept), one
+    rewritten without a seal, a renamed copy and a stray file: the rerun moves the damaged ones
+    aside and redoes them, ignores the rest, and every planned trial is there exactly once."""
+    import pyarrow.parquet as pq
+
+    spec = _spec(checkpoints, tmp_path)
+    run_campaign(spec, progress=False)
+    store = Store.open(str(tmp_path), "test")
+    plan, images, _ = _planned(spec)
+    expected = {s.id: s.size(len(images.indices)) for s in plan}
+    paths = [store.shard_path(s.model, s.kind, s.layer, s.id) for s in plan]
+    truncated, halved, unsealed, copied = paths[:4]
+    with open(truncated, "rb") as f:
+        data = f.read()
+    with open(truncated, "wb") as f:
+        f.write(data[: len(data) // 2])
+    table = pq.read_table(halved)
+    pq.write_table(table.slice(0, table.num_rows // 2), halved)  # schema metadata: the seal
+    pq.write_table(pq.read_table(unsealed).replace_schema_metadata(None), unsealed)
+    Path(copied.replace(".parquet", " (1).parquet")).write_bytes(Path(copied).read_bytes())
+    Path(copied).with_name("stray.tmp").write_text("not a shard")
+    run_campaign(spec, progress=False)
+    rows = _trials(tmp_path)  # read_parquet over every *.parquet: the copy would count here
+    assert len(rows) == sum(expected.values()) + expected[plan[3].id]
+    results = results_of(store)
+    strata = results.strata()
+    assert sum(s.trials for s in strata) == sum(expected.values())
+    moved = sorted(p.name for p in (tmp_path / "test" / "damaged").rglob("*.parquet.*"))
+    assert len(moved) == 3 and all(p.startswith("shard-00000") for p in moved)
+    assert list(_summary(store).values()) == list(overall_rates(results).values())
+
+
+def test_resources_no_node_can_grant_are_refused_before_any_work(checkpoints, tmp_path):
+    """No RAY_ADDRESS: a private local Ray, never a cluster this machine started before; an
+    actor shape it cannot hold ends at once with exit 2 and one message, nothing written."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    for resources, words in (
+        ({"gpus_per_actor": 1}, "1 GPUs"),
+        ({"cpus_per_actor": 64}, "64 CPUs"),
+    ):
+        spec = _spec(checkpoints, tmp_path, resources=resources)
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(to_dict(spec)))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        root = Path(__file__).resolve().parents[2]
+        done = subprocess.run(
+            [sys.executable, "campaign/run.py", "--spec", str(spec_file)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "an actor asks for" in done.stderr and words in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "test").exists()  # nothing written

@@ -149,3 +149,28 @@ def test_a_protocol_fills_every_choice_left_out_and_a_spec_may_override_each():
 def test_bad_protocol_choices_are_refused_naming_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         _parse(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "../../x"}, r"name: '\.\./\.\./x' is not a safe name"),
+        ({"name": "a b"}, r"name: 'a b' is not a safe name"),
+        ({"models": [{"name": "li/n", "checkpoint": "/x"}]}, r"models\[\]\.name: 'li/n'"),
+        ({"kinds": []}, r"kinds: give at least one"),
+        ({"formats": []}, r"formats: give at least one"),
+        ({"layers": []}, r"layers: give at least one"),
+        ({"bits": []}, r"bits: give at least one bit position"),
+    ],
+)
+def test_unsafe_names_and_empty_lists_are_refused_before_any_work(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        _parse(**fields)
+
+
+def test_an_output_uri_pyarrow_cannot_open_is_refused(tmp_path):
+    from campaign.store import Store
+
+    with pytest.raises(ConfigError, match=r"output 'foo://x': pyarrow opens no file system"):
+        Store.open("foo://x", "c")
+    assert Store.open(str(tmp_path / "a:b"), "c").root.endswith("a:b/c")  # a folder, not a URI

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from bitstorm.errors import DataError
 from campaign import store as store_module
 from campaign.store import GOLDEN_SCHEMA, TRIAL_SCHEMA, Store, trial_table
 
@@ -85,3 +86,32 @@ def test_uris_and_the_manifest(tmp_path):
 
 def test_golden_schema_names():
     assert GOLDEN_SCHEMA.names == ["image", "label", "golden_top1", "confidence", "top2diff"]
+
+
+def test_a_read_only_output_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    store = Store.open(str(tmp_path), "c")
+    os.chmod(store.root, 0o500)
+    try:
+        with pytest.raises(DataError, match=r"cannot write .*writable and has room"):
+            store.write_json(store.manifest_path, {"a": 1})
+    finally:
+        os.chmod(store.root, 0o700)
+    assert os.listdir(store.root) == []
+
+
+def test_a_failed_write_is_a_clear_error(tmp_path, monkeypatch):
+    """A full disk, as the file system reports it: ENOSPC on write."""
+    import errno
+
+    store = Store.open(str(tmp_path), "c")
+
+    def full(_stream):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DataError, match=r"No space left on device; check that the output"):
+        store._write_atomically(store.manifest_path, full)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == []

@@ -17,6 +17,8 @@ class Behaviour:
     failures: int = 0
     fail_status: int = 503
     retry_after: str | None = None
+    redirect_to: str | None = None  # answer every request with a 302 to this URL
+    echo_headers: bool = False  # failing answers carry the request's headers in their body
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
 
@@ -37,11 +39,16 @@ def chat_server(behaviour: Behaviour) -> Iterator[str]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             behaviour.requests.append(body)
             behaviour.headers.append(dict(self.headers))
+            if behaviour.redirect_to:
+                return self._send(302, {}, {"Location": behaviour.redirect_to})
             if self.path != "/v1/chat/completions":
                 return self._send(404, {"error": "no such route"})
             if len(behaviour.requests) <= behaviour.failures:
                 extra = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
-                return self._send(behaviour.fail_status, {"error": "busy"}, extra)
+                error = {"error": "busy"}
+                if behaviour.echo_headers:
+                    error["your_headers"] = dict(self.headers)
+                return self._send(behaviour.fail_status, error, extra)
             prompt = body["messages"][0]["content"]
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": answer(prompt, i)}}

@@ -132,3 +132,25 @@ def test_config_is_validated():
         LLMConfig(base_url="http://x", model="")
     with pytest.raises(ConfigError, match="answers_per_question"):
         LLMConfig(base_url="http://x", model="m", answers_per_question=0)
+
+
+def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_host(tmp_path):
+    other = Behaviour()
+    with chat_server(other) as elsewhere:
+        redirecting = Behaviour(redirect_to=f"{elsewhere}/chat/completions")
+        with (
+            chat_server(redirecting) as url,
+            pytest.raises(ConfigError, match=r"answered 302, a redirect to .*not followed"),
+        ):
+            ChatClient(_config(url, tmp_path, api_key="sk-secret-123")).answers("q")
+    assert len(redirecting.requests) == 1 and other.requests == []
+
+
+def test_an_error_body_that_echoes_the_key_does_not_print_it(tmp_path, capsys):
+    behaviour = Behaviour(failures=99, fail_status=400, echo_headers=True)
+    with chat_server(behaviour) as url, pytest.raises(ConfigError) as error:
+        ChatClient(_config(url, tmp_path, api_key="sk-secret-123")).answers("q")
+    assert "sk-secret-123" not in str(error.value) and "<api key>" in str(error.value)
+    assert behaviour.headers[0]["Authorization"] == "Bearer sk-secret-123"  # it was sent
+    captured = capsys.readouterr()
+    assert "sk-secret-123" not in captured.out + captured.err

@@ -97,18 +97,22 @@ def test_strata_count_like_a_groupby_with_population_from_the_plan(campaign):
     assert population == [100 * IMAGES, 100 * IMAGES, 200 * IMAGES]
 
 
-def test_trials_of_a_layer_missing_from_the_plan_raise(campaign):
-    # A shard of another campaign copied in: same path scheme, a layer this plan never had.
+def test_only_the_files_the_plan_names_are_read(campaign):
+    """A shard of another campaign copied in (a layer this plan never had), a renamed copy of a
+    real shard and a stray file: none of them is counted."""
     parent, _, name = campaign.rpartition("/")
     store = Store.open(parent, name, create=False)
+    before = open_results(campaign).strata()
     rows = {"index": [1, 2], "bit": 0, "format": "fp32", "image": 0, "label": 0}
     rows |= {"golden_top1": 0, "faulty_top1": 0, "sdc": False, "non_finite": False}
     rows |= {"top2diff": 1.0, "value_before": 1.0, "value_after": 2.0, "shard": 0}
     store.write_table(store.shard_path("base", "weight", "layer9", 0), trial_table(rows))
-    results = open_results(campaign)
-    with pytest.raises(DataError, match=r"base/weight/layer9/fp32 are not in the manifest"):
-        results.strata()
-    assert len(results.strata(where="layer != 'layer9'")) == len(COUNTS)
+    real = store.shard_path("base", "weight", "conv1", 0)
+    copy = real.replace("shard-000000.parquet", "shard-000000 (1).parquet")
+    store.filesystem.copy_file(real, copy)
+    with store.filesystem.open_output_stream(real.rpartition("/")[0] + "/stray.tmp") as stream:
+        stream.write(b"not parquet")
+    assert open_results(campaign).strata() == before
 
 
 def test_a_folder_without_manifest_is_refused_by_name(tmp_path):
