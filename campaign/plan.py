@@ -66,10 +66,8 @@ class Shard:
             text = json.dumps([self.start, self.stop, list(self.bits), images]).encode()
             return ShardSeal(self.id, self.size(images), hashlib.sha256(text).hexdigest())
         group = self.trials(images)
-        digest = hashlib.sha256()
-        for column in (group.index, group.bit, group.image):
-            digest.update(column.to(torch.int64).numpy().tobytes())
-        return ShardSeal(self.id, len(group), digest.hexdigest(), rows=len(group))
+        digest = trials_digest(group.index, group.bit, group.image)
+        return ShardSeal(self.id, len(group), digest, rows=len(group))
 
     def trials(self, images: int) -> TrialGroup:
         indices, bits, image_ids = [], [], []
@@ -94,6 +92,14 @@ class Shard:
             torch.cat(bits),
             torch.cat(image_ids).long(),
         )
+
+
+def trials_digest(index: torch.Tensor, bit: torch.Tensor, image: torch.Tensor) -> str:
+    """Which trials, in order: sha256 over (index, bit, image position) as int64."""
+    digest = hashlib.sha256()
+    for column in (index, bit, image):
+        digest.update(column.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def make_plan(

@@ -15,6 +15,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from bitstorm import __version__
@@ -31,12 +32,12 @@ from campaign.images import (
     select_images,
     validation_top2diff,
 )
-from campaign.plan import Shard, make_plan, site_count
+from campaign.plan import Shard, make_plan, site_count, trials_digest
 from campaign.pool import ShardPool
 from campaign.profile import Profile, training_profile
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
-from campaign.store import Store
+from campaign.store import UNSEALED, ShardSeal, Store
 from trainers.checkpoint import read_manifest, verify_embeddings
 from trainers.data import DataBundle
 
@@ -221,6 +222,8 @@ class _Recorder:
             return False
         seal = shard.seal(len(self.images[shard.model].indices))
         problem = self.store.seal_problem(path, seal)
+        if problem == UNSEALED and not shard.census:
+            problem = self._unsealed_problem(path, shard, seal)
         if problem is None:
             return True
         log.warning(
@@ -231,6 +234,24 @@ class _Recorder:
             self.store.move_aside(path),
         )
         return False
+
+    def _unsealed_problem(self, path: str, shard: Shard, seal: ShardSeal) -> str | None:
+        """A shard from a bitstorm that wrote no seals is kept when its rows are exactly the
+        plan's trials (read from the file, so a rewritten or shortened file is not)."""
+        try:
+            keys = self.store.read_columns(path, ["index", "bit", "image"])
+        except (OSError, pa.ArrowException) as error:
+            return f"unreadable ({error})"
+        position = {image: i for i, image in enumerate(self.images[shard.model].indices)}
+        images = [position.get(image, -1) for image in keys["image"].to_pylist()]
+        digest = trials_digest(
+            torch.tensor(keys["index"].to_numpy()),
+            torch.tensor(keys["bit"].to_numpy()),
+            torch.tensor(images),
+        )
+        if keys.num_rows == seal.rows and digest == seal.digest:
+            return None
+        return f"{UNSEALED}, and its rows are not the plan's trials"
 
     def _path(self, shard: Shard) -> str:
         path = self.store.census_path if shard.census else self.store.shard_path

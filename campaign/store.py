@@ -85,6 +85,7 @@ VALUE_RANGES = ("v < -2", "-2 <= v < -1", "-1 <= v < 0", "0 <= v < 1", "1 <= v <
 
 # The key of a shard's seal in its Parquet footer.
 SEAL_KEY = "bitstorm.shard"
+UNSEALED = "no bitstorm seal in its footer"
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class Store:
             return f"unreadable ({error})"
         raw = (metadata.metadata or {}).get(SEAL_KEY.encode())
         if raw is None:
-            return "no bitstorm seal in its footer (not written by this campaign)"
+            return UNSEALED
         try:
             seal = ShardSeal(**json.loads(raw))
         except (TypeError, ValueError):
@@ -183,6 +184,10 @@ class Store:
         if expected.rows is not None and metadata.num_rows != expected.rows:
             return f"{metadata.num_rows} rows where its seal says {expected.rows}"
         return None
+
+    def read_columns(self, path: str, columns: list[str]) -> pa.Table:
+        with self.filesystem.open_input_file(path) as stream:
+            return pq.read_table(stream, columns=columns)
 
     def move_aside(self, path: str) -> str:
         """Move a damaged file out of the results, under ``damaged/``, keeping its path."""

@@ -373,8 +373,11 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     ray_local, checkpoints, tmp_path
 ):
     """A shard truncated to half its bytes, one rewritten with half its rows (seal kept), one
-    rewritten without a seal, a renamed copy and a stray file: the rerun moves the damaged ones
-    aside and redoes them, ignores the rest, and every planned trial is there exactly once."""
+    rewritten without a seal and with other trials, a renamed copy and a stray file: the rerun
+    moves the damaged ones aside and redoes them, ignores the rest, and every planned trial is
+    there exactly once. An unsealed shard whose rows are the plan's trials (as bitstorm wrote
+    them before seals) is kept."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     spec = _spec(checkpoints, tmp_path)
@@ -383,14 +386,19 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     plan, images, _ = _planned(spec)
     expected = {s.id: s.size(len(images.indices)) for s in plan}
     paths = [store.shard_path(s.model, s.kind, s.layer, s.id) for s in plan]
-    truncated, halved, unsealed, copied = paths[:4]
+    truncated, halved, unsealed, copied, legacy = paths[:5]
     with open(truncated, "rb") as f:
         data = f.read()
     with open(truncated, "wb") as f:
         f.write(data[: len(data) // 2])
     table = pq.read_table(halved)
     pq.write_table(table.slice(0, table.num_rows // 2), halved)  # schema metadata: the seal
-    pq.write_table(pq.read_table(unsealed).replace_schema_metadata(None), unsealed)
+    foreign = pq.read_table(unsealed).replace_schema_metadata(None)
+    index = foreign.schema.get_field_index("index")
+    shifted = pc.add(foreign["index"], 1)
+    pq.write_table(foreign.set_column(index, "index", shifted), unsealed)
+    pq.write_table(pq.read_table(legacy).replace_schema_metadata(None), legacy)
+    legacy_bytes = Path(legacy).read_bytes()
     Path(copied.replace(".parquet", " (1).parquet")).write_bytes(Path(copied).read_bytes())
     Path(copied).with_name("stray.tmp").write_text("not a shard")
     run_campaign(spec, progress=False)
@@ -401,6 +409,7 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     assert sum(s.trials for s in strata) == sum(expected.values())
     moved = sorted(p.name for p in (tmp_path / "test" / "damaged").rglob("*.parquet.*"))
     assert len(moved) == 3 and all(p.startswith("shard-00000") for p in moved)
+    assert Path(legacy).read_bytes() == legacy_bytes  # kept, not redone
     assert list(_summary(store).values()) == list(overall_rates(results).values())
 
 
