@@ -160,7 +160,8 @@ def run_campaign(
         layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
         profile = training_profile(spec, checked.models, layers, checked.data, store)
     plan = make_plan(spec, checked.sites, {name: len(i.indices) for name, i in images.items()})
-    record = _Recorder(store, spec, checked, fingerprint, images, plan, profile)
+    facts = recorded_facts(spec, checked)
+    record = _Recorder(store, spec, checked, fingerprint, images, plan, profile, facts)
     targets = None
     with ShardPool(spec, images, profile, progress) as pool:
         record.run_round(plan, pool, "")
@@ -189,7 +190,7 @@ class _Recorder:
     images: dict[str, CampaignImages]
     plan: list[Shard]  # grows with the rounds of sequential sampling
     profile: Profile | None
-    _cached: dict[str, Any] = dataclasses.field(default_factory=dict)
+    facts: dict[str, dict[str, Any]]  # the manifest's ``models``
 
     def size(self, shard: Shard) -> int:
         return shard.size(len(self.images[shard.model].indices))
@@ -269,7 +270,7 @@ class _Recorder:
             "fingerprint": self.fingerprint,
             "spec": to_dict(self.spec),
             "images": {name: images.indices for name, images in self.images.items()},
-            "models": self._models(),
+            "models": self.facts,
             # range restriction: the bounds and what they were profiled on
             "profile": None if self.profile is None else dataclasses.asdict(self.profile),
             "plan": {
@@ -287,16 +288,15 @@ class _Recorder:
             },
         }
 
-    def _models(self) -> dict[str, dict[str, Any]]:
-        facts = {name: model_facts(m) for name, m in self.checked.checkpoints.items()}
-        if self.spec.top2diff_images == "validation" and "val_top2diff" not in self._cached:
-            self._cached["val_top2diff"] = {
-                name: validation_top2diff(model, self.checked.data)
-                for name, model in self.checked.models.items()
-            }
-        for name, value in self._cached.get("val_top2diff", {}).items():
-            facts[name]["val_top2diff"] = value
-        return facts
+
+def recorded_facts(spec: CampaignSpec, checked: CheckedCampaign) -> dict[str, dict[str, Any]]:
+    """Each model's facts for the manifest, with its mean golden Top2Diff over the whole
+    validation split where the protocol's Top2Diff is taken there (one pass, before the work)."""
+    facts = {name: model_facts(m) for name, m in checked.checkpoints.items()}
+    if spec.top2diff_images == "validation":
+        for name, model in checked.models.items():
+            facts[name]["val_top2diff"] = validation_top2diff(model, checked.data)
+    return facts
 
 
 def model_facts(manifest: dict[str, Any]) -> dict[str, Any]:

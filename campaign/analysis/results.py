@@ -126,7 +126,7 @@ def results_of(store: Store) -> Results:
     if manifest is None:
         raise DataError(f"{store.root} is not a campaign folder (it has no manifest.json)")
     connection = duckdb.connect()
-    planned = _planned_files(manifest)
+    planned = _planned_files(store, manifest)
     for folder, schema in (("trials", TRIAL_SCHEMA), ("census", CENSUS_SCHEMA)):
         dataset = _dataset(store, folder, schema, PARTITION_COLUMNS, planned[folder].__contains__)
         connection.register(folder, dataset)
@@ -138,17 +138,16 @@ def results_of(store: Store) -> Results:
 _GOLDEN_NAME = re.compile(r"model=[^/]+/part-0\.parquet")
 
 
-def _planned_files(manifest: dict[str, Any]) -> dict[str, set[str]]:
+def _planned_files(store: Store, manifest: dict[str, Any]) -> dict[str, set[str]]:
     """The files the store writes for the manifest's plan, by folder, relative to it: the only
     ones a reader reads (a copy named ``shard-000088 (1).parquet``, a stray file or a shard of
     another plan is never counted)."""
     files: dict[str, set[str]] = {"trials": set(), "census": set()}
     for shard in manifest.get("plan", {}).get("shard_list", []):
         folder = "census" if shard.get("census") else "trials"
-        files[folder].add(
-            f"model={shard['model']}/kind={shard['kind']}/layer={shard['layer']}/"
-            f"shard-{shard['id']:06d}.parquet"
-        )
+        path = store.census_path if shard.get("census") else store.shard_path
+        full = path(shard["model"], shard["kind"], shard["layer"], shard["id"])
+        files[folder].add(full[len(f"{store.root}/{folder}/") :])
     return files
 
 

@@ -63,11 +63,16 @@ class Injector:
     def weight_values(self, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight as the format stores it, flipped weight) per trial; int8 uses the per-tensor
         scale."""
+        _, stored, flipped = self._weights(group)
+        return stored, flipped
+
+    def _weights(self, group: TrialGroup) -> tuple[torch.Tensor, ...]:
+        """(weight as the model computes with it, as the format stores it, flipped) per trial."""
         weight = self.model.get_submodule(group.layer).weight.detach()
         scale = int8_scale(weight) if group.fmt == "int8" else None
         original = weight.reshape(-1)[group.index.to(weight.device)]
         flipped = flip(original, group.bit.to(weight.device), group.fmt, scale)
-        return quantize(original, group.fmt, scale), flipped
+        return original, quantize(original, group.fmt, scale), flipped
 
     def neuron_values(
         self, group: TrialGroup, golden: torch.Tensor, peak: float | None
@@ -105,14 +110,13 @@ class Injector:
             before, after = self.neuron_values(group, flat[rows, index], peak)
             flat[rows, index] = after.to(flat.dtype)
             return before, after
-        before, after = self.weight_values(group)
-        original = self.model.get_submodule(group.layer).weight.detach().reshape(-1)
+        original, before, after = self._weights(group)
         add_weight_delta(
             self.model.get_submodule(group.layer),
             output,
             layer_input,
             group.index.to(output.device),
-            after - original[group.index.to(original.device)],
+            after - original,
             self.changed_outputs(group.layer),
         )
         return before, after

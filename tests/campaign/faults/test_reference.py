@@ -161,17 +161,22 @@ class TwiceThenOnce(nn.Module):
         return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
 
 
+def _matches_by_hand(model: nn.Module, images: torch.Tensor, trials: list[Trial]) -> None:
+    """Each trial's reference logits are the hand-made fault's, bit for bit, and not golden."""
+    got = reference_logits(model, images, trials)
+    for trial, logits in zip(trials, got, strict=True):
+        expected = _by_hand(model, images, trial)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True, msg=str(trial))
+        assert not torch.equal(logits, model(images))
+
+
 def test_neuron_fault_beside_a_module_called_twice():
     torch.manual_seed(0)
     model = TwiceThenOnce().eval()
     images = torch.randn(3, 6)
     # Another module of b's type running twice must not stop faults in b, which runs once.
     trials = [Trial("neuron", "b", 2, 30, "fp32"), Trial("neuron", "b", 1, 3, "fp16")]
-    got = reference_logits(model, images, trials)
-    for trial, logits in zip(trials, got, strict=True):
-        expected = _by_hand(model, images, trial)
-        torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True, msg=str(trial))
-        assert not torch.equal(logits, model(images))
+    _matches_by_hand(model, images, trials)
     with pytest.raises(ConfigError, match="runs 2 times per forward"):
         reference_logits(model, images, [Trial("neuron", "a", 0, 30, "fp32")])
 
@@ -218,11 +223,7 @@ def test_neuron_faults_after_and_in_modules_held_by_several_parents():
         Trial("neuron", "stem", 100, 30, "fp32"),
         Trial("neuron", "head", 3, 30, "fp32"),
     ]
-    got = reference_logits(model, images, trials)
-    for trial, logits in zip(trials, got, strict=True):
-        expected = _by_hand(model, images, trial)
-        torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True, msg=str(trial))
-        assert not torch.equal(logits, model(images))
+    _matches_by_hand(model, images, trials)
     with pytest.raises(ConfigError, match="runs 2 times per forward"):
         reference_logits(model, images, [Trial("neuron", "position", 0, 30, "fp32")])
 
