@@ -3,7 +3,8 @@ private local instance, never whatever cluster this machine last started; and re
 shape that no node can grant, instead of waiting for it forever.
 
 Why: ``ray.init()`` alone joins the cluster recorded in Ray's ``ray_current_cluster`` file,
-which may be another user's, and an actor asking for a GPU that no node has sits pending
+which may be another user's; a private instance must end with its driver, even a killed one
+(``bitstorm.ray_reaper``); and an actor asking for a GPU that no node has sits pending
 without a word.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import time
 
+from bitstorm import ray_reaper
 from bitstorm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ def connect(address: str | None = None) -> bool:
         "join a running cluster instead)"
     )
     ray.init(address="local", logging_config=config)
+    ray_reaper.start(ray.get_runtime_context().get_node_id())
     return True
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bitstorm.errors import DataError
+from bitstorm.errors import BitstormError, DataError
 from campaign.images import CampaignImages
 from campaign.plan import Shard
 from campaign.profile import Profile
@@ -61,7 +61,7 @@ class ShardPool:
 
     def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         while len(self.actors) < min(self.spec.resources.actors, len(pending)):
             self.generation.append(0)
@@ -98,6 +98,10 @@ class ShardPool:
             shard, slot, born = in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
+            except RayTaskError as error:  # a user's to fix (a full disk): their message, once
+                if isinstance(error.cause, BitstormError):
+                    raise error.cause from None
+                raise
             except RayActorError:
                 retries[shard.id] += 1
                 if retries[shard.id] > MAX_SHARD_RETRIES:

@@ -23,6 +23,7 @@ from embeddings.classes import class_names as named_classes
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "food101", "imagenet")
+ON_DISK = ("cifar10", "cifar100", "stl10", "food101", "imagenet")  # read from data_root
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,22 @@ def build_data(
         return digits(seed=seed, image_size=image_size or 32)
     if name == "synthetic":
         return synthetic(synthetic_size, image_size=image_size or 32, seed=seed)
-    if name in ("cifar10", "cifar100", "stl10", "food101", "imagenet"):
+    if name in ON_DISK:
         return _torchvision(name, Path(root), download, image_size)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def check_data(name: str, root: str | Path, *, download: bool) -> None:
+    """Refuse a data set the workers could never load, cheaply (no files are read): before
+    training starts, so that Ray Train never retries what no retry can fix."""
+    dataset_class_names(name)
+    if name not in ON_DISK:
+        return
+    root = Path(root)
+    needed = [root / "train", root / "val"] if name == "imagenet" else [root]
+    missing = [str(p) for p in needed if not p.is_dir()]
+    if missing and (name == "imagenet" or not download):
+        raise DataError(f"{name} not found: no folder {', '.join(missing)}; {_data_hint(name)}")
 
 
 def dataset_class_names(name: str, num_classes: int = 10) -> tuple[str, ...]:
@@ -163,12 +177,7 @@ def _torchvision(name: str, root: Path, download: bool, image_size: int | None) 
             train = datasets.ImageFolder(root / "train", transform=train_tf)
             val = datasets.ImageFolder(root / "val", transform=eval_tf)
     except (RuntimeError, FileNotFoundError) as error:
-        hint = (
-            "an ImageFolder tree with train/ and val/ under data_root"
-            if name == "imagenet"
-            else "set download: true to fetch it, or point data_root at a copy"
-        )
-        raise DataError(f"{name} not found under {root}: {hint} ({error})") from None
+        raise DataError(f"{name} not found under {root}: {_data_hint(name)} ({error})") from None
     return DataBundle(
         train=train, val=val, class_names=dataset_class_names(name), image_shape=(3, size, size)
     )
@@ -191,3 +200,10 @@ def _transforms(size: int, small: bool):
         [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize]
     )
     return train, evaluate
+
+
+def _data_hint(name: str) -> str:
+    """Where a data set read from ``data_root`` must be, or how to fetch it."""
+    if name == "imagenet":
+        return "an ImageFolder tree with train/ and val/ under data_root"
+    return "set download: true to fetch it, or point data_root at a copy"

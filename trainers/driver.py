@@ -18,7 +18,7 @@ from embeddings.encoders import load_encoder
 from embeddings.store import load_embeddings, save_embeddings
 from trainers.backbones import check_backbone
 from trainers.config import TrainConfig
-from trainers.data import dataset_class_names
+from trainers.data import check_data, dataset_class_names
 from trainers.heads import head_kind
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
     from trainers.loop import train_loop_per_worker
 
     check_backbone(cfg.backbone)
+    check_data(cfg.dataset, cfg.data_root, download=cfg.download)
     cfg = resolve_embeddings(cfg)
     if cfg.num_workers == 0:
         log.warning(

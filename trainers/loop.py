@@ -8,6 +8,7 @@ The loop talks to Ray through a small ``Session`` so the same code runs as a Ray
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from bitstorm.metrics import top2diff, topk_correct
 from embeddings.store import load_embeddings
 from trainers.checkpoint import (
     file_sha256,
+    latest_checkpoint,
     load_train_state,
     load_weights,
     read_manifest,
@@ -51,12 +53,15 @@ class Session(Protocol):
 
 
 class TrainSession:
-    """A Ray Train worker: DDP when there are several workers."""
+    """A Ray Train worker: DDP when there are several workers. It resumes from Ray's latest
+    checkpoint, else from the latest bitstorm checkpoint in the run folder (one a user placed
+    there, or one whose Ray snapshot is gone), which Ray Train alone would ignore."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path) -> None:
         import ray.train
         import ray.train.torch
 
+        self.run_dir = run_dir
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -78,10 +83,15 @@ class TrainSession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                return load(Path(folder))
+        placed = latest_checkpoint(self.run_dir)
+        if placed is None:
             return 0
-        with checkpoint.as_directory() as folder:
-            return load(Path(folder))
+        if self.rank == 0:
+            print(f"resuming from {placed}, found in the run folder", flush=True)
+        return load(placed)
 
 
 class TuneSession:
@@ -112,9 +122,20 @@ class TuneSession:
             return load(Path(folder))
 
 
+class _BadInputTracebacks(logging.Filter):
+    """Drops Ray Train's log of a worker's exception when it is bad input (a BitstormError):
+    the driver prints that one message itself (trainers.train), so its traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\nbitstorm.errors." not in record.getMessage()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for ``TorchTrainer``."""
-    run_training(from_dict(TrainConfig, config), TrainSession())
+    # The logger that Ray Train (v2) reports a training function's exception on.
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_BadInputTracebacks())
+    cfg = from_dict(TrainConfig, config)
+    run_training(cfg, TrainSession(cfg.run_dir))
 
 
 def run_training(cfg: TrainConfig, session: Session) -> None:

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ray.train import TrainingFailedError  # here: --help need not import Ray
     try:
         cfg = load_train_config(args.config, args.overrides)
         from trainers.driver import fit
@@ -35,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except BitstormError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if result.error is not None:
-        print(f"training failed: {result.error}", file=sys.stderr)
+    except TrainingFailedError as error:
+        causes = list(getattr(error, "worker_failures", {}).values())
+        if causes and all(isinstance(c, BitstormError) for c in causes):
+            print(f"error: {causes[0]}", file=sys.stderr)  # bad input found only by a worker
+            return 2
+        print(f"training failed: {causes[0] if causes else error}", file=sys.stderr)
         return 1
     if result.checkpoint is None:
         print("no checkpoint was written (num_workers=0 keeps none)")

@@ -1,6 +1,7 @@
 """Synthetic campaign folders with SDC counts a test chooses, written the way the runner writes
 them (Store, trial_table, manifest), so readers of results can be checked against known numbers
-without training or running anything."""
+without training or running anything; and the two tiny checkpoints the end-to-end campaign tests
+run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import pyarrow as pa
 import pytest
 
 from campaign.store import GOLDEN_SCHEMA, Store, trial_table
+from trainers.checkpoint import save_checkpoint
+from trainers.config import TrainConfig
+from trainers.models import build_model
 
 # (model, kind, layer, bit) -> (trials, sdc)
 Counts = dict[tuple[str, str, str, int], tuple[int, int]]
@@ -129,3 +133,24 @@ def synthetic_campaign(tmp_path: Path) -> Callable[..., str]:
         return write_campaign(tmp_path, name, counts, sites, models, **options)
 
     return write
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A linear-head and a random-text-head tiny CNN (10 classes), saved as bitstorm saves them."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for head in ("linear", "text_random"):
+        cfg = TrainConfig(backbone="tiny_cnn", head=head, dataset="synthetic", embedding_dim=16)
+        model = build_model("tiny_cnn", head, 10, embedding_dim=16, seed=1)
+        paths[head] = str(
+            save_checkpoint(
+                folder / head,
+                model,
+                cfg,
+                epoch=1,
+                history=[],
+                class_names=tuple(f"class{i}" for i in range(10)),
+            )
+        )
+    return paths
