@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ray.train import TrainingFailedError  # here: --help need not import Ray
+
     try:
         cfg = load_train_config(args.config, args.overrides)
         from trainers.driver import fit
