@@ -126,7 +126,10 @@ class Store:
             filesystem, path = pafs.LocalFileSystem(), _absolute_local(uri)
         root = f"{path.rstrip('/')}/{campaign}"
         if create:
-            filesystem.create_dir(root, recursive=True)
+            try:
+                filesystem.create_dir(root, recursive=True)
+            except OSError as error:
+                raise cannot_write(root, error) from None
         return cls(filesystem, root)
 
     def shard_path(self, model: str, kind: str, layer: str, shard: int) -> str:
@@ -189,6 +192,24 @@ class Store:
         with self.filesystem.open_input_file(path) as stream:
             return pq.read_table(stream, columns=columns)
 
+    def remove_temporaries(self) -> int:
+        """Delete the hidden temporary files a killed writer left (a shard half-written when
+        the disk filled or the actor died): readers never see them, but they hold space."""
+        try:
+            found = self.filesystem.get_file_info(pafs.FileSelector(self.root, recursive=True))
+        except FileNotFoundError:
+            return 0
+        stale = [
+            info.path
+            for info in found
+            if info.type == pafs.FileType.File
+            and info.base_name.startswith(".")
+            and info.base_name.endswith(".tmp")
+        ]
+        for path in stale:
+            self.filesystem.delete_file(path)
+        return len(stale)
+
     def move_aside(self, path: str) -> str:
         """Move a damaged file out of the results, under ``damaged/``, keeping its path."""
         relative = path[len(self.root) + 1 :]
@@ -218,10 +239,7 @@ class Store:
             if self.filesystem.get_file_info(temporary).type == pafs.FileType.File:
                 self.filesystem.delete_file(temporary)
             if isinstance(error, OSError):  # read-only, full, gone: the user's to fix
-                raise DataError(
-                    f"cannot write {path}: {error.strerror or error}; check that the output "
-                    "folder is writable and has room (finished shards are kept: rerun to go on)"
-                ) from None
+                raise cannot_write(path, error) from None
             raise
 
     def read_json(self, path: str) -> dict[str, Any] | None:
@@ -278,3 +296,11 @@ def _absolute_local(path: str) -> str:
     from pathlib import Path
 
     return str(Path(path).expanduser().resolve())
+
+
+def cannot_write(path: str, error: OSError) -> DataError:
+    """A write the output refused (read-only, full, not there), as the user's to fix."""
+    return DataError(
+        f"cannot write {path}: {error.strerror or error}; check that the output folder is "
+        "writable and has room (finished shards are kept: rerun to go on)"
+    )

@@ -24,10 +24,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from bitstorm import __version__
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.config import from_dict, to_dict
 from bitstorm.errors import BitstormError, DataError
+from bitstorm.version import __version__
 from embeddings.store import ClassEmbeddings, load_embeddings
 from trainers.config import TrainConfig
 from trainers.heads import TextHead, head_kind
@@ -35,6 +35,8 @@ from trainers.models import build_model
 
 FORMAT = "bitstorm.checkpoint.v1"
 MANIFEST, WEIGHTS, TRAIN_STATE = "checkpoint.json", "model.safetensors", "train_state.pt"
+# What readers of a manifest rely on (save_checkpoint writes them all).
+REQUIRED = ("config", "class_names", "embedding_dim", "weights_sha256", "epoch", "history")
 
 
 def save_checkpoint(
@@ -96,8 +98,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise DataError(f"{folder}: not a checkpoint (no {MANIFEST})") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: corrupt manifest ({error})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: unknown checkpoint format {found!r}")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise DataError(
+            f"{path}: the manifest lacks {', '.join(missing)}: it was edited, or not written "
+            "by bitstorm; use the checkpoint folder training wrote"
+        )
     return _upgrade(manifest)
 
 

@@ -22,7 +22,9 @@ from typing import Any
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.config import from_dict, load_config, to_dict
 from bitstorm.errors import BitstormError, ConfigError
+from trainers.backbones import check_backbone
 from trainers.config import TrainConfig, load_train_config
+from trainers.data import check_data
 
 TRIAL_MODES = ("function", "train")
 SCHEDULERS = ("asha", "none")
@@ -56,6 +58,8 @@ class SweepConfig:
             raise ConfigError("a sweep needs at least one variant and one learning rate")
         if not all(isinstance(v, dict) for v in self.variants.values()):
             raise ConfigError("each variant must be a mapping of recipe overrides")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("grace_period must be >= 1 and reduction_factor >= 2")
 
 
 def load_sweep(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
@@ -76,6 +80,13 @@ def variant_configs(sweep: SweepConfig) -> dict[str, TrainConfig]:
             {**base_dict, **changes, "name": f"{sweep.name}-{name}"},
             f"variant {name!r}",
         )
+        if sweep.scheduler == "asha" and sweep.grace_period > cfg.epochs:
+            raise ConfigError(
+                f"grace_period: {sweep.grace_period} epochs, but variant {name!r} trains for "
+                f"{cfg.epochs}; ASHA could never stop a trial early: lower grace_period"
+            )
+        check_backbone(cfg.backbone)
+        check_data(cfg.dataset, cfg.data_root, download=cfg.download)
         configs[name] = resolve_embeddings(cfg)
     return configs
 

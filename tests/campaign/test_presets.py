@@ -13,7 +13,7 @@ from bitstorm.errors import ConfigError
 from campaign.cli import build_parser, load_campaign_spec, main
 from campaign.default import default_embeddings, default_train_configs
 from campaign.spec import CampaignSpec, ModelEntry, load_spec
-from trainers.checkpoint import FORMAT, MANIFEST
+from trainers.checkpoint import FORMAT, MANIFEST, REQUIRED
 from trainers.config import TrainConfig, load_train_config
 from trainers.driver import built_embeddings_path
 from trainers.heads import head_kind
@@ -129,7 +129,9 @@ def test_digits_preset_uses_what_the_default_run_writes():
 
 def _fake_checkpoint(folder: Path, epoch: int) -> None:
     folder.mkdir(parents=True)
-    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "epoch": epoch}))
+    (folder / MANIFEST).write_text(
+        json.dumps({k: None for k in REQUIRED} | {"format": FORMAT, "epoch": epoch})
+    )
 
 
 def test_run_folders_in_a_spec_become_their_latest_checkpoints(tmp_path, monkeypatch):

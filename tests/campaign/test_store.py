@@ -115,3 +115,15 @@ def test_a_failed_write_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"No space left on device; check that the output"):
         store._write_atomically(store.manifest_path, full)
     assert [p.name for p in (tmp_path / "c").iterdir()] == []
+
+
+def test_temporaries_a_killed_writer_left_are_removed_and_nothing_else(tmp_path):
+    store = Store.open(str(tmp_path), "demo")
+    shard = store.shard_path("m", "weight", "fc", 3)
+    store.write_table(shard, _rows())
+    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+    (folder / ".shard-000004.parquet.0123abcd.tmp").write_bytes(b"half a shard")
+    (folder / "notes.tmp").write_text("a user's file, not hidden: not ours")
+    assert store.remove_temporaries() == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp", "shard-000003.parquet"]
+    assert Store.open(str(tmp_path), "none", create=False).remove_temporaries() == 0

@@ -9,6 +9,7 @@ from bitstorm.errors import DataError
 from trainers.checkpoint import (
     FORMAT,
     MANIFEST,
+    REQUIRED,
     TRAIN_STATE,
     WEIGHTS,
     load_checkpoint,
@@ -116,7 +117,9 @@ def test_a_run_folder_resolves_to_its_latest_checkpoint(tmp_path):
     run = tmp_path / "run"
     for folder, epoch in (("checkpoint_b", 1), ("checkpoint_a", 3), ("checkpoint_c", 2)):
         (run / folder).mkdir(parents=True)
-        (run / folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "epoch": epoch}))
+        (run / folder / MANIFEST).write_text(
+            json.dumps({k: None for k in REQUIRED} | {"format": FORMAT, "epoch": epoch})
+        )
     assert resolve_checkpoint(run) == run / "checkpoint_a"  # the highest epoch, not the name
     assert resolve_checkpoint(run / "checkpoint_b") == run / "checkpoint_b"  # already one
     with pytest.raises(DataError, match=r"neither a checkpoint .* nor a training run folder"):
