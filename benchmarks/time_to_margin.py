@@ -41,11 +41,11 @@ from campaign.analysis.stats import (
 from campaign.faults.engine import Engine
 from campaign.faults.reference import PytorchfiBatched, random_weight_trials
 from campaign.faults.sites import SiteSpace, find_sites
-from campaign.images import campaign_data, select_images
+from campaign.images import campaign_data, load_models, select_images
 from campaign.plan import Shard, make_plan
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
-from trainers.checkpoint import load_checkpoint, read_manifest, resolve_checkpoint
+from trainers.checkpoint import load_checkpoint, resolve_checkpoint
 
 MODEL = "model"
 
@@ -172,7 +172,7 @@ def main() -> None:
             "seed": args.seed,
         }
     )
-    data = campaign_data(spec, {MODEL: read_manifest(checkpoint)})
+    data = campaign_data(spec, load_models(spec))
     images = select_images(spec, {MODEL: model}, data)[MODEL]
     space = find_sites(model, images.images[:1], types=spec.layer_types)
     ours = bitstorm_run(spec, model, images, space)

@@ -14,8 +14,8 @@ import logging
 import os
 import time
 
-from bitstorm import ray_reaper
 from bitstorm.errors import ConfigError
+from bitstorm.ray_reaper import watch_driver
 
 log = logging.getLogger(__name__)
 # How long a cluster's autoscaler gets to add a node that fits before a shape is refused.
@@ -40,7 +40,7 @@ def connect(address: str | None = None) -> bool:
         "join a running cluster instead)"
     )
     ray.init(address="local", logging_config=config)
-    ray_reaper.start(ray.get_runtime_context().get_node_id())
+    watch_driver(ray.get_runtime_context().get_node_id())
     return True
 
 

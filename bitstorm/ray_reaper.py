@@ -20,7 +20,7 @@ from pathlib import Path
 POLL_S = 0.2
 
 
-def start(node_id: str) -> subprocess.Popen | None:
+def watch_driver(node_id: str) -> subprocess.Popen | None:
     """Watch this process on behalf of the private instance ``node_id`` (no-op off Linux)."""
     if not Path("/proc/self/environ").exists():
         return None

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from bitstorm import ConfigError, __version__
-from bitstorm.errors import BitstormError, DataError
+from bitstorm.errors import BitstormError, ConfigError, DataError
+from bitstorm.version import __version__
 from campaign.faults.bits import FORMATS
 from campaign.faults.sites import find_sites
 
@@ -120,13 +120,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def list_sites(args: argparse.Namespace) -> None:
     model = build_named_model(args.list_sites, args.num_classes)
     types = args.types if args.types in ("conv_linear", "weighted") else args.types.split(",")
-    space = find_sites(
-        model,
-        parse_shape(args.input),
-        types=types,
-        include=args.include or ["*"],
-        exclude=args.exclude or [],
-    )
+    shape = parse_shape(args.input)
+    try:
+        space = find_sites(
+            model, shape, types=types, include=args.include or ["*"], exclude=args.exclude or []
+        )
+    except (RuntimeError, ValueError, AssertionError) as error:  # the forward refused the shape
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"--input {args.input}: {args.list_sites} cannot run on an input of shape "
+            f"{list(shape)} ({reason}); give channels,height,width, e.g. 3,224,224"
+        ) from None
     print(space.table(args.format))
 
 
@@ -139,11 +143,13 @@ def load_campaign_spec(spec: str, overrides: list[str]) -> CampaignSpec:
     loaded = load_spec(spec, overrides)
     models = []
     for entry in loaded.models:
-        try:
-            checkpoint = resolve_checkpoint(entry.checkpoint)
-        except DataError as error:
-            raise ConfigError(f"models[{entry.name}].checkpoint: {error}") from None
-        models.append(dataclasses.replace(entry, checkpoint=str(checkpoint)))
+        if entry.checkpoint:
+            try:
+                checkpoint = resolve_checkpoint(entry.checkpoint)
+            except DataError as error:
+                raise ConfigError(f"models[{entry.name}].checkpoint: {error}") from None
+            entry = dataclasses.replace(entry, checkpoint=str(checkpoint))
+        models.append(entry)
     return dataclasses.replace(loaded, models=models)
 
 

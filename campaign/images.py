@@ -3,26 +3,28 @@ images (one set for all, or each model its own, by ``image_selection``), and eve
 refers to them by their index in the validation split.
 
 The images come from the models' own training data config (data set, split seed, image size,
-normalisation), never from library defaults: a model trained with another split seed would
-otherwise be tested on images it trained on, and one trained at another size at the wrong
-resolution. Models trained on different data configs cannot share a campaign."""
+normalisation), or for models bitstorm did not train, from the spec's data set made the way
+their weights want (campaign.sources); never from library defaults: a model trained with
+another split seed would otherwise be tested on images it trained on, and one trained at
+another size at the wrong resolution. Models on different data configs cannot share a
+campaign."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import torch
 
 from bitstorm.errors import ConfigError, DataError
 from bitstorm.metrics import top2diff
+from campaign.sources import LoadedModel, load_model
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA
-from trainers.checkpoint import load_checkpoint
-from trainers.data import DataBundle, DataConfig
+from trainers.data import ON_DISK, DataBundle, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +38,46 @@ class CampaignImages:
     labels: torch.Tensor
 
 
-def load_models(spec: CampaignSpec) -> dict[str, torch.nn.Module]:
-    return {m.name: load_checkpoint(m.checkpoint)[0] for m in spec.models}
+def load_models(spec: CampaignSpec) -> dict[str, LoadedModel]:
+    return {m.name: load_model(m) for m in spec.models}
 
 
-def campaign_data(spec: CampaignSpec, checkpoints: dict[str, dict[str, Any]]) -> DataBundle:
-    """The data every model of the campaign trained on, rebuilt from their checkpoint manifests
-    under ``spec.data_root``; refused before any work when the models' data configs differ, or
-    when ``spec.dataset`` names another data set."""
-    configs = {name: DataConfig.of(manifest["config"]) for name, manifest in checkpoints.items()}
+def campaign_data(spec: CampaignSpec, models: Mapping[str, LoadedModel]) -> DataBundle:
+    """The data every model of the campaign is tested on, under ``spec.data_root``: what a
+    checkpoint trained on (rebuilt from its manifest), or for a model from another source the
+    spec's ``dataset`` made the model's way (its preprocessing). Refused before any work when
+    the models' data configs differ, or when ``spec.dataset`` names another data set than the
+    checkpoints'."""
+    configs = {}
+    for name, loaded in models.items():
+        if loaded.data is not None:
+            if spec.dataset and spec.dataset != loaded.data.dataset:
+                raise ConfigError(
+                    f"dataset: {spec.dataset!r}, but model {name!r} was trained on "
+                    f"{loaded.data.dataset!r}; leave dataset out to test on the models' own "
+                    "validation split"
+                )
+            configs[name] = loaded.data.resolved()
+        elif not spec.dataset:
+            raise ConfigError(
+                f"dataset: model {name!r} is not a bitstorm checkpoint, so name the data set to "
+                "test it on (dataset: imagenet, cifar10, digits, ...)"
+            )
+        elif spec.dataset in ON_DISK:
+            configs[name] = DataConfig(spec.dataset, preprocessing=loaded.preprocessing).resolved()
+        else:  # a bundled tensor set keeps its own standardisation: only the size applies
+            size = loaded.preprocessing.input_size if loaded.preprocessing else None
+            configs[name] = DataConfig(spec.dataset, image_size=size).resolved()
     if len(set(configs.values())) > 1:
         listed = "; ".join(
             f"{name}: {', '.join(f'{k}={v}' for k, v in dataclasses.asdict(c).items())}"
             for name, c in configs.items()
         )
         raise ConfigError(
-            f"models: their training data differ ({listed}); a campaign tests every model on "
+            f"models: their data configs differ ({listed}); a campaign tests every model on "
             "the same images, so run one campaign per data config"
         )
-    config = next(iter(configs.values()))
-    if spec.dataset and spec.dataset != config.dataset:
-        raise ConfigError(
-            f"dataset: {spec.dataset!r}, but the models were trained on {config.dataset!r}; "
-            "leave dataset out to test on the models' own validation split"
-        )
-    return config.build(spec.data_root)
+    return next(iter(configs.values())).build(spec.data_root)
 
 
 def select_images(

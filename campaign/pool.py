@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import Counter, deque
+from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from bitstorm.errors import BitstormError, DataError
@@ -23,9 +26,10 @@ MAX_SHARD_RETRIES = 3
 IN_FLIGHT_PER_ACTOR = 2
 
 
-class ShardPool:
-    """A pool of Ray actors that evaluate shards, replacing actors that die; kept across the
-    rounds of a sequential campaign so models and golden caches load once."""
+class Pool(ABC):
+    """What evaluates a campaign's shards, kept across the rounds of a sequential campaign so
+    models and golden caches load once; ``models``: handed over (campaign.api), else each
+    worker loads the spec's."""
 
     def __init__(
         self,
@@ -33,13 +37,29 @@ class ShardPool:
         images: dict[str, CampaignImages],
         profile: Profile | None,
         progress: bool,
+        models: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.spec, self.images, self.profile, self.progress = spec, images, profile, progress
+        self.models = models
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:  # noqa: B027 - in-process: nothing to release
+        pass
+
+    @abstractmethod
+    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+        """Evaluate ``pending`` (``done`` of ``total`` trials are on disk already)."""
+
+
+class ShardPool(Pool):
+    """A pool of Ray actors that evaluate shards, replacing actors that die."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.actors: list[Any] = []
         self.generation: list[int] = []
-
-    def __enter__(self) -> ShardPool:
-        return self
 
     def __exit__(self, *_exc: object) -> None:
         import ray
@@ -56,7 +76,13 @@ class ShardPool:
         return (
             ray.remote(ShardWorker)
             .options(name=name, **options)
-            .remote(self.spec, self.images, self.profile)
+            .remote(
+                self.spec,
+                self.images,
+                self.profile,
+                self.models,
+                threads=int(resources.cpus_per_actor),
+            )
         )
 
     def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
@@ -84,14 +110,7 @@ class ShardPool:
 
         for slot in range(len(self.actors)):
             submit(slot)
-        bar = tqdm(
-            total=total,
-            initial=done,
-            unit="trial",
-            unit_scale=True,
-            disable=not self.progress,
-            desc=f"campaign {self.spec.name}{label}",
-        )
+        bar = progress_bar(self.spec, done, total, label, self.progress)
         started = time.perf_counter()
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -120,3 +139,29 @@ class ShardPool:
             submit(slot)
         bar.close()
         log.info("ran %d shards in %.1f s", len(pending), time.perf_counter() - started)
+
+
+class LocalPool(Pool):
+    """Shards evaluated one after another in this process, no Ray (campaign.api's default):
+    the same worker, so the same rows as the actors write."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.worker = ShardWorker(self.spec, self.images, self.profile, self.models)
+
+    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+        bar = progress_bar(self.spec, done, total, label, self.progress)
+        for shard in pending:
+            bar.update(self.worker.run(shard)["rows"])
+        bar.close()
+
+
+def progress_bar(spec: CampaignSpec, done: int, total: int, label: str, show: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=done,
+        unit="trial",
+        unit_scale=True,
+        disable=not show,
+        desc=f"campaign {spec.name}{label}",
+    )

@@ -12,16 +12,17 @@ import dataclasses
 import fnmatch
 import logging
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from bitstorm import __version__
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
 from bitstorm.ray_cluster import check_grantable, connect
+from bitstorm.version import __version__
 from campaign.analysis.results import results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import (
@@ -33,12 +34,12 @@ from campaign.images import (
     validation_top2diff,
 )
 from campaign.plan import Shard, make_plan, site_count, trials_digest
-from campaign.pool import ShardPool
+from campaign.pool import LocalPool, Pool, ShardPool
 from campaign.profile import Profile, training_profile
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
 from campaign.store import UNSEALED, ShardSeal, Store
-from trainers.checkpoint import read_manifest, verify_embeddings
+from trainers.checkpoint import read_manifest, resolve_checkpoint, verify_embeddings
 from trainers.data import DataBundle
 
 log = logging.getLogger(__name__)
@@ -46,42 +47,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckedCampaign:
-    """What validation found: each model's checkpoint manifest, the model, its fault sites."""
+    """What validation found: each model's facts (campaign.sources), the model, its fault
+    sites, and the data its images come from."""
 
-    checkpoints: dict[str, dict[str, Any]]
+    facts: dict[str, dict[str, Any]]
     models: dict[str, torch.nn.Module]
     sites: dict[str, list[LayerSite]]
-    data: DataBundle  # what the models trained on: the campaign's images come from its split
+    data: DataBundle
 
     @property
     def model_ids(self) -> dict[str, str]:
         """Each model's identity by content: the sha256 of its weights."""
-        missing = [name for name, m in self.checkpoints.items() if not m.get("weights_sha256")]
-        if missing:
-            raise ConfigError(
-                f"models[{missing[0]}].checkpoint: its manifest has no weights_sha256, so the "
-                "campaign cannot tell its weights from another's; save it with "
-                "trainers.checkpoint.save_checkpoint"
-            )
-        return {name: m["weights_sha256"] for name, m in self.checkpoints.items()}
+        return {name: facts["weights_sha256"] for name, facts in self.facts.items()}
 
 
 def validate(spec: CampaignSpec) -> CheckedCampaign:
-    """Everything that can be checked before work starts: checkpoints, embedding files, layer
-    globs."""
-    checkpoints = {}
+    """Everything that can be checked before work starts: the models and their weights,
+    embedding files, the data, layer globs."""
     for entry in spec.models:
-        try:
-            checkpoints[entry.name] = read_manifest(entry.checkpoint)
-        except DataError as error:
-            raise ConfigError(f"models[{entry.name}].checkpoint: {error}") from None
         if entry.embeddings:
             try:
-                verify_embeddings(checkpoints[entry.name], entry.embeddings)
+                manifest = read_manifest(resolve_checkpoint(entry.checkpoint))
+                verify_embeddings(manifest, entry.embeddings)
             except DataError as error:
                 raise ConfigError(f"models[{entry.name}].embeddings: {error}") from None
-    data = campaign_data(spec, checkpoints)
-    models = load_models(spec)
+    loaded = load_models(spec)
+    data = campaign_data(spec, loaded)
+    for entry in loaded.values():
+        entry.facts["dataset"] = entry.facts["dataset"] or spec.dataset
+    models = {name: entry.model for name, entry in loaded.items()}
+    facts = {name: entry.facts for name, entry in loaded.items()}
+    return CheckedCampaign(facts, models, check_sites(spec, models, data), data)
+
+
+def check_sites(
+    spec: CampaignSpec, models: Mapping[str, torch.nn.Module], data: DataBundle
+) -> dict[str, list[LayerSite]]:
+    """Each model's fault sites, refusing a layer glob that matches nothing and a last layer
+    that ``exhaustive_last_layer`` cannot count."""
     sites = {}
     for name, model in models.items():
         names = select_layers(model, types=spec.layer_types)
@@ -101,7 +104,7 @@ def validate(spec: CampaignSpec) -> CheckedCampaign:
         sites[name] = list(space)
         if spec.exhaustive_last_layer:
             _check_final_layers(name, model, data, sites[name], spec.kinds)
-    return CheckedCampaign(checkpoints, models, sites, data)
+    return sites
 
 
 def _check_final_layers(
@@ -132,19 +135,27 @@ def run_campaign(
     fresh: bool = False,
     progress: bool = True,
     address: str | None = None,
+    checked: CheckedCampaign | None = None,
+    local: bool = False,
 ) -> Store:
     """Run (or resume) the campaign; returns its store, every planned trial on disk.
-    ``address``: a Ray cluster to join (else ``RAY_ADDRESS``; else a private local Ray)."""
+    ``address``: a Ray cluster to join (else ``RAY_ADDRESS``; else a private local Ray).
+    ``checked``: models and data handed over (campaign.api) instead of loaded from the spec;
+    ``local``: run the shards in this process, without Ray."""
     # Everything a user can get wrong is refused before anything is written.
-    checked = validate(spec)
+    given = checked is not None
+    checked = checked or validate(spec)
     fingerprint = spec.fingerprint(checked.model_ids)
     images = select_images(spec, checked.models, checked.data)
     resources = spec.resources
-    private = connect(address)
-    check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
+    if not local:
+        private = connect(address)
+        check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
     store = Store.open(spec.output, spec.name)
     if fresh:
         store.filesystem.delete_dir_contents(store.root, missing_dir_ok=True)
+    if removed := store.remove_temporaries():
+        log.info("removed %d temporary files an interrupted run left", removed)
     previous = store.read_json(store.manifest_path)
     if previous and previous.get("fingerprint") != fingerprint:
         raise ConfigError(
@@ -163,7 +174,9 @@ def run_campaign(
     facts = recorded_facts(spec, checked)
     record = _Recorder(store, spec, checked, fingerprint, images, plan, profile, facts)
     targets = None
-    with ShardPool(spec, images, profile, progress) as pool:
+    pool_type = LocalPool if local else ShardPool
+    handed = checked.models if given else None  # actors load a spec's models themselves
+    with pool_type(spec, images, profile, progress, handed) as pool:
         record.run_round(plan, pool, "")
         if spec.sampling == "sequential":
             # Each round's decision reads only the shards of earlier rounds (ids grow with the
@@ -195,7 +208,7 @@ class _Recorder:
     def size(self, shard: Shard) -> int:
         return shard.size(len(self.images[shard.model].indices))
 
-    def run_round(self, shards: list[Shard], pool: ShardPool, label: str) -> None:
+    def run_round(self, shards: list[Shard], pool: Pool, label: str) -> None:
         """Record the plan so far, then run the shards of this round that have no file yet."""
         self.write("running")
         pending = [s for s in shards if not self._done(s)]
@@ -292,22 +305,8 @@ class _Recorder:
 def recorded_facts(spec: CampaignSpec, checked: CheckedCampaign) -> dict[str, dict[str, Any]]:
     """Each model's facts for the manifest, with its mean golden Top2Diff over the whole
     validation split where the protocol's Top2Diff is taken there (one pass, before the work)."""
-    facts = {name: model_facts(m) for name, m in checked.checkpoints.items()}
+    facts = {name: dict(f) for name, f in checked.facts.items()}
     if spec.top2diff_images == "validation":
         for name, model in checked.models.items():
             facts[name]["val_top2diff"] = validation_top2diff(model, checked.data)
     return facts
-
-
-def model_facts(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a report needs to know about a model, from its checkpoint manifest, so that the
-    report never needs the checkpoint."""
-    config = manifest["config"]
-    return {
-        "backbone": config["backbone"],
-        "head": config["head"],
-        "dataset": config["dataset"],
-        "val_top1": manifest.get("metrics", {}).get("val_top1"),
-        "epoch": manifest.get("epoch"),
-        "weights_sha256": manifest.get("weights_sha256"),
-    }

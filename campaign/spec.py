@@ -28,6 +28,7 @@ from campaign.faults.bits import FORMATS, format_width
 from campaign.faults.trials import KINDS
 
 SAMPLINGS = ("per_stratum", "exhaustive", "leveugle", "sequential")
+SOURCES = ("checkpoint", "torchvision", "timm", "factory", "in_memory")  # campaign.sources
 IMAGE_SELECTIONS = ("every_model_correct", "own_correct", "any")
 ALLOCATIONS = ("neyman", "equal")
 TOP2DIFF_IMAGES = ("campaign", "validation")
@@ -59,15 +60,49 @@ PLACE = {"place": True}
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the campaign: a name for the results and a training checkpoint folder.
-    ``embeddings``, when set, must be the class-embedding file the checkpoint was trained with."""
+    """One model of the campaign: a name for the results and where the model comes from, one of
+    ``checkpoint`` (a bitstorm checkpoint or training run folder), ``torchvision`` or ``timm``
+    (a model name, with ``weights``: a torchvision weights name, a timm ``name.tag``, or a
+    local file) and ``factory`` (``module:function`` returning an ``nn.Module``, called with
+    ``kwargs``); see campaign.sources. ``embeddings``, for a checkpoint, must be the
+    class-embedding file it was trained with. ``input_size``/``mean``/``std`` override the
+    preprocessing that comes with the weights."""
 
     name: str
-    checkpoint: str
+    checkpoint: str | None = None
     embeddings: str | None = None
+    torchvision: str | None = None
+    timm: str | None = None
+    factory: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    in_memory: bool = False  # a module handed to bitstorm.run_campaign (campaign.api)
 
     def __post_init__(self) -> None:
         check_name(self.name, "models[].name")
+        where = f"models[{self.name}]"
+        given = [s for s in SOURCES if getattr(self, s)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"{where}: give exactly one of checkpoint, torchvision, timm or factory"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.checkpoint and (self.weights or self.num_classes):
+            raise ConfigError(f"{where}: a checkpoint holds its own weights and classes")
+        if self.embeddings and not self.checkpoint:
+            raise ConfigError(f"{where}.embeddings: only a checkpoint's embeddings are checked")
+        if self.kwargs and not self.factory:
+            raise ConfigError(f"{where}.kwargs: only a factory takes keyword arguments")
+        if self.factory and not re.fullmatch(r"[\w.]+:\w+", self.factory):
+            raise ConfigError(f"{where}.factory: {self.factory!r} is not module:function")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"{where}.{key}: give 3 numbers, one per colour channel")
 
 
 @dataclass(frozen=True)
@@ -108,7 +143,7 @@ class CampaignSpec:
     # images: `images` of the data set's validation split per model, drawn with `image_seed`;
     # image_selection: every_model_correct (one image set every model gets right),
     # own_correct (each model its own correct images with Top2Diff > 0), or any.
-    dataset: str | None = None  # default: the first checkpoint's data set
+    dataset: str | None = None  # default: the checkpoints' data set; needed for other sources
     images: int = 256
     image_seed: int = 0
     image_selection: str | None = None

@@ -4,6 +4,8 @@ through the driver."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from campaign.census import CensusTally
@@ -29,15 +31,22 @@ class ShardWorker:
         spec: CampaignSpec,
         images: dict[str, CampaignImages],
         profile: Profile | None,
+        models: Mapping[str, torch.nn.Module] | None = None,
+        threads: int | None = None,
     ) -> None:
+        """``models``: handed over (campaign.api), else loaded from the spec; ``threads``:
+        torch's intra-op threads, set in an actor (never in a user's own process)."""
         resources = spec.resources
-        torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+        if threads is not None:
+            torch.set_num_threads(max(1, threads))
         self.images = images
         self.store = Store.open(spec.output, spec.name)
         device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.engines: dict[str, Engine] = {}
         self.caches: dict[str, GoldenCache] = {}
-        for name, model in load_models(spec).items():
+        if models is None:
+            models = {name: loaded.model for name, loaded in load_models(spec).items()}
+        for name, model in models.items():
             restriction = None
             if spec.range_restriction:
                 assert profile is not None, "the driver profiles bounds for range restriction"

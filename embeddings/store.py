@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from bitstorm import __version__
 from bitstorm.atomic import write_bytes_atomic
 from bitstorm.errors import DataError
+from bitstorm.version import __version__
 
 FORMAT = "bitstorm.class_embeddings.v1"
 TENSOR_KEY = "embeddings"

@@ -8,6 +8,7 @@ resize and centre crop for evaluation, ImageNet normalisation for the large-imag
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,37 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "food101", "imagenet")
 ON_DISK = ("cifar10", "cifar100", "stl10", "food101", "imagenet")  # read from data_root
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model that bitstorm did not train wants its images (its weights' transforms, timm's
+    pretrained config, or the spec's): resize the short side, centre-crop, normalise. Applies to
+    data sets read from disk; the bundled tensor sets (digits, synthetic) take ``input_size``
+    and keep their own standardisation."""
+
+    input_size: int = 224
+    resize: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def describe(self) -> str:
+        return (
+            f"resize {self.resize}, crop {self.input_size}, mean {list(self.mean)}, "
+            f"std {list(self.std)}"
+        )
+
+    def transform(self):
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(self.resize),
+                T.CenterCrop(self.input_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +80,7 @@ class DataConfig:
     image_size: int | None = None
     seed: int = 0
     synthetic_size: int = 512
+    preprocessing: Preprocessing | None = None  # a model bitstorm did not train
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> DataConfig:
@@ -59,6 +92,12 @@ class DataConfig:
             config.get("synthetic_size", 512),
         )
 
+    def resolved(self) -> DataConfig:
+        """The same config with its default image size spelled out, so that configs that make
+        the same images compare equal."""
+        size = self.image_size or default_image_size(self.dataset)
+        return dataclasses.replace(self, image_size=size)
+
     def build(self, root: str | Path = "data", *, download: bool = False) -> DataBundle:
         return build_data(
             self.dataset,
@@ -67,6 +106,7 @@ class DataConfig:
             image_size=self.image_size,
             seed=self.seed,
             synthetic_size=self.synthetic_size,
+            preprocessing=self.preprocessing,
         )
 
 
@@ -78,15 +118,26 @@ def build_data(
     image_size: int | None = None,
     seed: int = 0,
     synthetic_size: int = 512,
+    preprocessing: Preprocessing | None = None,
 ) -> DataBundle:
-    """Train and validation sets for ``name`` (see ``DATASETS``)."""
+    """Train and validation sets for ``name`` (see ``DATASETS``); with ``preprocessing``, both
+    splits are made its way (for campaigns on models bitstorm did not train: no augmentation)."""
+    if preprocessing is not None:
+        image_size = preprocessing.input_size
     if name == "digits":
-        return digits(seed=seed, image_size=image_size or 32)
+        return digits(seed=seed, image_size=image_size or default_image_size(name))
     if name == "synthetic":
-        return synthetic(synthetic_size, image_size=image_size or 32, seed=seed)
+        return synthetic(
+            synthetic_size, image_size=image_size or default_image_size(name), seed=seed
+        )
     if name in ON_DISK:
-        return _torchvision(name, Path(root), download, image_size)
+        return _torchvision(name, Path(root), download, image_size, preprocessing)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def default_image_size(name: str) -> int:
+    """The side images of ``name`` have when no image size is set."""
+    return 32 if name in ("digits", "synthetic", "cifar10", "cifar100") else 224
 
 
 def check_data(name: str, root: str | Path, *, download: bool) -> None:
@@ -154,12 +205,21 @@ def synthetic(
     )
 
 
-def _torchvision(name: str, root: Path, download: bool, image_size: int | None) -> DataBundle:
+def _torchvision(
+    name: str,
+    root: Path,
+    download: bool,
+    image_size: int | None,
+    preprocessing: Preprocessing | None,
+) -> DataBundle:
     from torchvision import datasets
 
     small = name in ("cifar10", "cifar100")
-    size = image_size or (32 if small else 224)
-    train_tf, eval_tf = _transforms(size, small)
+    size = image_size or default_image_size(name)
+    if preprocessing is None:
+        train_tf, eval_tf = _transforms(size, small)
+    else:
+        train_tf = eval_tf = preprocessing.transform()
     try:
         if name == "cifar10":
             train = datasets.CIFAR10(root, train=True, transform=train_tf, download=download)

@@ -109,6 +109,7 @@ def read_model_facts(manifest: dict[str, Any]) -> dict[str, ModelFacts]:
             entry.get("dataset"),
             entry.get("val_top1"),
             entry.get("val_top2diff"),
+            entry.get("source"),
         )
         for name, entry in manifest.get("models", {}).items()
     }

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bitstorm import __version__
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
+from bitstorm.version import __version__
 from campaign.analysis.document import Block, Heading, Image, Paragraph, to_html, to_markdown
 from campaign.analysis.plots import Series, sdc_by_bit, sdc_by_layer
 from campaign.analysis.render import comparison_blocks, header_blocks, model_blocks

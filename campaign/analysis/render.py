@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from bitstorm import __version__
+from bitstorm.version import __version__
 from campaign.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
 from campaign.analysis.stats import Rate
 from campaign.analysis.summary import (
@@ -262,6 +262,7 @@ def model_blocks(model: ModelReport) -> list[Block]:
             ("Fact", "Value"),
             (
                 ("campaign", model.campaign),
+                ("source", facts.source or "unknown"),
                 ("backbone", facts.backbone or "unknown"),
                 ("head", facts.head or "unknown"),
                 ("dataset", facts.dataset or "unknown"),

@@ -75,6 +75,7 @@ class ModelFacts:
     dataset: str | None = None
     val_top1: float | None = None
     val_top2diff: float | None = None  # mean golden Top2Diff over the validation split
+    source: str | None = None  # where the model came from (campaign.sources)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_models_trained_on_different_data_are_refused_before_any_work(tmp_path):
     first = _checkpoint(tmp_path / "a", seed=0)
     other_seed = _checkpoint(tmp_path / "b", seed=3)
     with pytest.raises(
-        ConfigError, match=r"their training data differ .*m1: dataset=digits.*seed=3"
+        ConfigError, match=r"their data configs differ .*m1: dataset=digits.*seed=3"
     ):
         validate(_spec(tmp_path, [first, other_seed]))
     with pytest.raises(ConfigError, match="trained on 'digits'"):

@@ -113,7 +113,7 @@ def test_a_sequential_campaign_meets_the_margin_and_replays_its_rounds_on_rerun(
     ("change", "message"),
     [
         ({"layers": ["layer9.*"]}, "layers: 'layer9.*' matches no"),
-        ({"models": [{"name": "base", "checkpoint": "/nonexistent"}]}, "not a checkpoint"),
+        ({"models": [{"name": "base", "checkpoint": "/nonexistent"}]}, "neither a checkpoint"),
         ({"bits": [40]}, "bits: 40 is outside fp32"),
         ({"formats": ["fp8"]}, "formats: 'fp8'"),
     ],

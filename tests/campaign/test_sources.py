@@ -1,0 +1,138 @@
+"""Models from every source (issue 14): a torchvision model from a local state_dict file, a timm
+model from a local safetensors file, a factory of the user's; one campaign runs them all, its
+rows land in Parquet, and the report names each model's source. Weights never download."""
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from bitstorm.errors import ConfigError, DataError
+from campaign.analysis.build import build_report
+from campaign.analysis.render import console_summary
+from campaign.analysis.results import results_of
+from campaign.analysis.summary import Options
+from campaign.runner import run_campaign
+from campaign.sources import load_model, read_state_dict, state_sha256
+from campaign.spec import CampaignSpec, ModelEntry
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    torch.save(resnet.state_dict(), folder / "resnet18.pth")
+    import timm
+
+    net = timm.create_model("test_efficientnet", num_classes=10)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "t.safetensors")
+    return {
+        "resnet18": (folder / "resnet18.pth", state_sha256(resnet)),
+        "timm": (folder / "t.safetensors", state_sha256(net)),
+    }
+
+
+def _models(weight_files):
+    return [
+        {
+            "name": "tv",
+            "torchvision": "resnet18",
+            "weights": str(weight_files["resnet18"][0]),
+            "num_classes": 10,
+        },
+        {
+            "name": "tm",
+            "timm": "test_efficientnet",
+            "weights": str(weight_files["timm"][0]),
+            "num_classes": 10,
+            "input_size": 32,
+        },
+        {"name": "own", "factory": "tests.campaign.factories:small_net", "kwargs": {"width": 6}},
+    ]
+
+
+def test_each_source_loads_the_weights_it_names(weight_files):
+    models = {m["name"]: load_model(ModelEntry(**m)) for m in _models(weight_files)}
+    assert models["tv"].facts["weights_sha256"] == weight_files["resnet18"][1]
+    assert models["tm"].facts["weights_sha256"] == weight_files["timm"][1]
+    assert models["tm"].preprocessing.input_size == 32
+    assert models["own"].model[0].out_channels == 6 and not models["own"].model.training
+    assert "factory tests.campaign.factories:small_net" in models["own"].facts["source"]
+    assert "resnet18.pth (sha256" in models["tv"].facts["source"]
+
+
+def test_one_campaign_runs_every_source_and_the_report_names_them(
+    ray_local, weight_files, tmp_path
+):
+    spec = CampaignSpec.parse(
+        {
+            "name": "sources",
+            "models": _models(weight_files),
+            "dataset": "digits",
+            "images": 6,
+            "image_selection": "any",
+            "trials_per_stratum": 4,
+            "bits": [30],
+            "formats": ["fp32"],
+            "layers": ["*"],
+            "output": str(tmp_path),
+            "resources": {"actors": 1},
+        }
+    )
+    store = run_campaign(spec, progress=False)
+    results = results_of(store)
+    counts = dict(results.sql("select model, count(*) from trials group by model").fetchall())
+    assert set(counts) == {"tv", "tm", "own"} and all(n > 0 for n in counts.values())
+    sources = {name: m["source"] for name, m in results.manifest["models"].items()}
+    assert sources["tv"].startswith("torchvision resnet18, weights ")
+    assert sources["tm"].startswith("timm test_efficientnet, weights ")
+    assert sources["own"] == "factory tests.campaign.factories:small_net, weights its own"
+    text = console_summary(build_report([store.root], Options()))
+    report = build_report([store.root], Options())
+    assert all(m.facts.source == sources[m.name] for m in report.models), text
+
+
+def test_a_model_that_is_not_a_checkpoint_needs_a_data_set(weight_files, tmp_path):
+    spec = CampaignSpec.parse(
+        {"name": "x", "models": _models(weight_files)[2:], "output": str(tmp_path)}
+    )
+    with pytest.raises(ConfigError, match="is not a bitstorm checkpoint, so name the data set"):
+        run_campaign(spec, progress=False)
+
+
+def test_uncached_pretrained_weights_are_one_clear_error_never_a_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    entry = ModelEntry("r", torchvision="resnet18", weights="ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match=r"not in the torch cache; put https://\S+ at "):
+        load_model(entry)
+    with pytest.raises(ConfigError, match="not in the Hugging Face cache"):
+        load_model(ModelEntry("t", timm="test_efficientnet.r160_in1k"))
+
+
+def test_a_pickle_posing_as_weights_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match="weights_only=True"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({}, "give exactly one of checkpoint, torchvision, timm or factory"),
+        ({"torchvision": "resnet18", "timm": "x"}, "got torchvision, timm"),
+        ({"factory": "no_colon"}, "is not module:function"),
+        ({"torchvision": "resnet18", "kwargs": {"a": 1}}, "only a factory takes"),
+        ({"factory": "a:b", "mean": [0.5]}, "give 3 numbers"),
+    ],
+)
+def test_bad_model_entries_are_refused(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelEntry("m", **entry)
