@@ -23,8 +23,20 @@ from embeddings.classes import class_names as named_classes
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "food101", "imagenet")
-ON_DISK = ("cifar10", "cifar100", "stl10", "food101", "imagenet")  # read from data_root
+DATASETS = (
+    "digits",
+    "synthetic",
+    "cifar10",
+    "cifar100",
+    "stl10",
+    "food101",
+    "imagenet",
+    "images_csv",
+)
+# Read from data_root. images_csv: data_root/labels.csv lists image files (relative to it) and
+# labels, with an optional split column (train/val).
+ON_DISK = ("cifar10", "cifar100", "stl10", "food101", "imagenet", "images_csv")
+LABELS_CSV = "labels.csv"
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,9 @@ def build_data(
         return synthetic(
             synthetic_size, image_size=image_size or default_image_size(name), seed=seed
         )
+    if name == "images_csv":
+        size = image_size or default_image_size(name)
+        return images_csv(Path(root), preprocessing or Preprocessing(size, round(size * 256 / 224)))
     if name in ON_DISK:
         return _torchvision(name, Path(root), download, image_size, preprocessing)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -143,10 +158,14 @@ def default_image_size(name: str) -> int:
 def check_data(name: str, root: str | Path, *, download: bool) -> None:
     """Refuse a data set the workers could never load, cheaply (no files are read): before
     training starts, so that Ray Train never retries what no retry can fix."""
+    root = Path(root)
+    if name == "images_csv":
+        if not (root / LABELS_CSV).is_file():
+            raise DataError(f"images_csv: no {root / LABELS_CSV}; {_data_hint(name)}")
+        return
     dataset_class_names(name)
     if name not in ON_DISK:
         return
-    root = Path(root)
     needed = [root / "train", root / "val"] if name == "imagenet" else [root]
     missing = [str(p) for p in needed if not p.is_dir()]
     if missing and (name == "imagenet" or not download):
@@ -159,6 +178,11 @@ def dataset_class_names(name: str, num_classes: int = 10) -> tuple[str, ...]:
         return tuple(f"class{i}" for i in range(num_classes))
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "images_csv":
+        raise ConfigError(
+            f"images_csv: its class names are its labels in {LABELS_CSV}, known only once it is "
+            "read; a text head needs a named class set (cifar10, imagenet, ...)"
+        )
     return tuple(named_classes(name))
 
 
@@ -266,4 +290,55 @@ def _data_hint(name: str) -> str:
     """Where a data set read from ``data_root`` must be, or how to fetch it."""
     if name == "imagenet":
         return "an ImageFolder tree with train/ and val/ under data_root"
+    if name == "images_csv":
+        return f"data_root must hold {LABELS_CSV} with columns file,label[,split]"
     return "set download: true to fetch it, or point data_root at a copy"
+
+
+class LabelledImages(Dataset):
+    """Image files with labels, made ``transform``'s way when read."""
+
+    def __init__(self, files: list[Path], labels: list[int], transform) -> None:
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as image:
+            return self.transform(image.convert("RGB")), self.labels[i]
+
+
+def images_csv(root: Path, preprocessing: Preprocessing) -> DataBundle:
+    """A folder of images listed in ``labels.csv`` (``file,label[,split]``). Labels are class
+    indices where every label is an integer, else class names (sorted, then numbered). Without
+    a ``split`` column every image is in both splits: a campaign tests on the validation split
+    and profiles range bounds on the training split, so say ``split`` where that matters."""
+    import csv
+
+    with open(root / LABELS_CSV, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise DataError(f"{root / LABELS_CSV}: give a header row with file,label[,split] and rows")
+    missing = [r["file"] for r in rows if not (root / r["file"]).is_file()]
+    if missing:
+        raise DataError(f"{root / LABELS_CSV}: {len(missing)} files not found, e.g. {missing[0]}")
+    names = [r["label"] for r in rows]
+    if all(n.strip().lstrip("-").isdigit() for n in names):
+        labels = [int(n) for n in names]
+        classes = tuple(str(i) for i in range(max(labels) + 1))
+    else:
+        classes = tuple(sorted(set(names)))
+        labels = [classes.index(n) for n in names]
+    transform = preprocessing.transform()
+
+    def split(which: str) -> LabelledImages:
+        keep = [i for i, r in enumerate(rows) if r.get("split", which) in (which, None, "")]
+        return LabelledImages(
+            [root / rows[i]["file"] for i in keep], [labels[i] for i in keep], transform
+        )
+
+    size = preprocessing.input_size
+    return DataBundle(split("train"), split("val"), classes, (3, size, size))

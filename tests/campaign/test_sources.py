@@ -136,3 +136,38 @@ def test_a_pickle_posing_as_weights_is_refused(tmp_path):
 def test_bad_model_entries_are_refused(entry, message):
     with pytest.raises(ConfigError, match=message):
         ModelEntry("m", **entry)
+
+
+def test_a_folder_of_images_with_a_labels_csv_feeds_a_campaign(ray_local, tmp_path):
+    """dataset: images_csv, with the model's preprocessing (here the spec's input size)."""
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    (folder / "sub").mkdir(parents=True)
+    lines = ["file,label,split"]
+    generator = torch.Generator().manual_seed(0)
+    for i in range(10):
+        pixels = (torch.rand(20, 24, 3, generator=generator) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / "sub" / f"{i}.png")
+        lines.append(f"sub/{i}.png,{['cat', 'dog'][i % 2]},{'train' if i < 4 else 'val'}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    model = {"name": "own", "factory": "tests.campaign.factories:small_net", "input_size": 16}
+    spec = CampaignSpec.parse(
+        {
+            "name": "csv",
+            "models": [model | {"kwargs": {"num_classes": 2}}],
+            "dataset": "images_csv",
+            "data_root": str(folder),
+            "images": 6,
+            "image_selection": "any",
+            "trials_per_stratum": 2,
+            "bits": [30],
+            "output": str(tmp_path / "out"),
+            "resources": {"actors": 1},
+        }
+    )
+    results = results_of(run_campaign(spec, progress=False))
+    golden = results.sql("select image, label from golden order by image").fetchall()
+    assert golden == [(i, i % 2) for i in range(6)]  # the val rows: files 4..9, cat=0, dog=1
+    assert results.sql("select count(*) from trials").fetchall()[0][0] == 2 * 2 * 2  # kinds x layers
+    assert "resize 18, crop 16" in results.manifest["models"]["own"]["preprocessing"]
