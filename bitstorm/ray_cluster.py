@@ -40,7 +40,7 @@ def connect(address: str | None = None) -> bool:
         "join a running cluster instead)"
     )
     ray.init(address="local", logging_config=config)
-    watch_driver(ray.get_runtime_context().get_node_id())
+    watch_driver()
     return True
 
 

@@ -169,5 +169,6 @@ def test_a_folder_of_images_with_a_labels_csv_feeds_a_campaign(ray_local, tmp_pa
     results = results_of(run_campaign(spec, progress=False))
     golden = results.sql("select image, label from golden order by image").fetchall()
     assert golden == [(i, i % 2) for i in range(6)]  # the val rows: files 4..9, cat=0, dog=1
-    assert results.sql("select count(*) from trials").fetchall()[0][0] == 2 * 2 * 2  # kinds x layers
+    trials = results.sql("select count(*) from trials").fetchall()[0][0]
+    assert trials == 2 * 2 * 2  # kinds x layers x trials per stratum
     assert "resize 18, crop 16" in results.manifest["models"]["own"]["preprocessing"]
