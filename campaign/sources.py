@@ -177,7 +177,8 @@ def _hf_cached(name: str) -> Path:
     if not repo:
         raise DataError(f"timm: {name!r} names no pretrained weights timm knows")
     for file in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(repo, file)
+        # HF_HUB_CACHE read now, not when huggingface_hub was imported
+        path = try_to_load_from_cache(repo, file, cache_dir=os.environ.get("HF_HUB_CACHE"))
         if isinstance(path, str):
             return Path(path)
     raise DataError(

@@ -172,3 +172,42 @@ def test_a_folder_of_images_with_a_labels_csv_feeds_a_campaign(ray_local, tmp_pa
     trials = results.sql("select count(*) from trials").fetchall()[0][0]
     assert trials == 2 * 2 * 2  # kinds x layers x trials per stratum
     assert "resize 18, crop 16" in results.manifest["models"]["own"]["preprocessing"]
+
+
+def test_torchvision_weights_by_name_come_from_the_torch_cache(monkeypatch, tmp_path):
+    """A weights enum name reads the file torch's cache would hold (here one the test puts
+    there, random weights) and brings that enum's preprocessing."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=1000)
+    torch.save(model.state_dict(), cached)
+    loaded = load_model(ModelEntry("r", torchvision="resnet18", weights=str(weights)))
+    assert loaded.facts["weights_sha256"] == state_sha256(model)
+    assert loaded.facts["source"] == "torchvision resnet18, weights ResNet18_Weights.IMAGENET1K_V1"
+    prep = loaded.preprocessing
+    assert (prep.input_size, prep.resize) == (224, 256)
+    assert prep.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_a_timm_pretrained_tag_comes_from_the_hugging_face_cache(monkeypatch, tmp_path):
+    """``name.tag`` reads the weights file the Hugging Face cache would hold (put there by the
+    test, in the cache's own layout, with random weights), never the network."""
+    import timm
+
+    net = timm.create_model("test_efficientnet", num_classes=1000)
+    repo = tmp_path / "models--timm--test_efficientnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, snapshot / "model.safetensors"
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    loaded = load_model(ModelEntry("t", timm="test_efficientnet.r160_in1k"))
+    assert loaded.facts["weights_sha256"] == state_sha256(net)
+    assert loaded.facts["source"] == "timm test_efficientnet.r160_in1k (pretrained)"
+    assert loaded.preprocessing.input_size == 160
