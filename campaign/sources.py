@@ -10,6 +10,7 @@ put the file at, never hangs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -23,6 +24,7 @@ from torch import nn
 
 from bitstorm.errors import ConfigError, DataError
 from campaign.spec import SOURCES
+from trainers.checkpoint import file_sha256
 from trainers.data import DataConfig, Preprocessing
 
 
@@ -60,12 +62,9 @@ def load_model(entry: Any) -> LoadedModel:
         raise ConfigError(f"{where}: {error}") from None
     preprocessing = loaded.preprocessing
     if entry.input_size or entry.mean or entry.std:  # the spec's word over the weights'
-        base = preprocessing or Preprocessing()
-        preprocessing = Preprocessing(
-            input_size=entry.input_size or base.input_size,
-            resize=round((entry.input_size or base.input_size) * base.resize / base.input_size),
-            mean=tuple(entry.mean or base.mean),
-            std=tuple(entry.std or base.std),
+        base = (preprocessing or Preprocessing()).at(entry.input_size)
+        preprocessing = dataclasses.replace(
+            base, mean=tuple(entry.mean or base.mean), std=tuple(entry.std or base.std)
         )
     facts = dict(loaded.facts)
     if preprocessing is not None:
@@ -269,12 +268,4 @@ def _is_file_name(weights: str) -> bool:
 def _described(weights: str | None) -> str:
     if not weights:
         return "random (none given)"
-    return f"{weights} (sha256 {_file_sha256(weights)[:12]}...)"
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return f"{weights} (sha256 {file_sha256(weights)[:12]}...)"

@@ -51,6 +51,14 @@ class Preprocessing:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
+    def at(self, size: int | None) -> Preprocessing:
+        """The same preprocessing cropping ``size`` (None: as is), resized in proportion."""
+        if not size:
+            return self
+        return dataclasses.replace(
+            self, input_size=size, resize=round(size * self.resize / self.input_size)
+        )
+
     def describe(self) -> str:
         return (
             f"resize {self.resize}, crop {self.input_size}, mean {list(self.mean)}, "
@@ -144,7 +152,7 @@ def build_data(
         )
     if name == "images_csv":
         size = image_size or default_image_size(name)
-        return images_csv(Path(root), preprocessing or Preprocessing(size, round(size * 256 / 224)))
+        return images_csv(Path(root), preprocessing or Preprocessing().at(size))
     if name in ON_DISK:
         return _torchvision(name, Path(root), download, image_size, preprocessing)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
