@@ -192,12 +192,13 @@ def _from_factory(entry: Any) -> LoadedModel:
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
-        raise DataError(f"factory: cannot import {entry.factory!r} ({error})") from None
+        raise DataError(
+            f"cannot import {entry.factory!r} ({error}); the module must be importable here "
+            "and on every node"
+        ) from None
     model = factory(**(entry.kwargs or {}))
     if not isinstance(model, nn.Module):
-        raise DataError(
-            f"factory: {entry.factory} returned {type(model).__name__}, not an nn.Module"
-        )
+        raise DataError(f"{entry.factory} returned {type(model).__name__}, not an nn.Module")
     if entry.weights:
         _load_into(model, read_state_dict(entry.weights), entry.factory)
     weights = _described(entry.weights) if entry.weights else "its own"

@@ -334,8 +334,16 @@ def images_csv(root: Path, preprocessing: Preprocessing) -> DataBundle:
     if missing:
         raise DataError(f"{root / LABELS_CSV}: {len(missing)} files not found, e.g. {missing[0]}")
     names = [r["label"] for r in rows]
+    splits = {r.get("split") or "" for r in rows} - {"train", "val", ""}
+    if splits:
+        raise DataError(f"{root / LABELS_CSV}: split {min(splits)!r} is not train or val")
     if all(n.strip().lstrip("-").isdigit() for n in names):
         labels = [int(n) for n in names]
+        if min(labels) < 0:
+            raise DataError(
+                f"{root / LABELS_CSV}: label {min(labels)} is negative; integer labels are class "
+                "indices from 0"
+            )
         classes = tuple(str(i) for i in range(max(labels) + 1))
     else:
         classes = tuple(sorted(set(names)))
@@ -343,7 +351,7 @@ def images_csv(root: Path, preprocessing: Preprocessing) -> DataBundle:
     transform = preprocessing.transform()
 
     def split(which: str) -> LabelledImages:
-        keep = [i for i, r in enumerate(rows) if r.get("split", which) in (which, None, "")]
+        keep = [i for i, r in enumerate(rows) if (r.get("split") or which) == which]
         return LabelledImages(
             [root / rows[i]["file"] for i in keep], [labels[i] for i in keep], transform
         )

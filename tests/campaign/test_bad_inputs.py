@@ -80,6 +80,25 @@ def spec_file(text: str) -> Argv:
     return argv
 
 
+def labelled_images(rows: list[str]) -> Argv:
+    """A campaign of a factory model over a folder of two images whose labels.csv has ``rows``
+    (after its header ``file,label,split``)."""
+
+    def argv(tmp: Path, checkpoint: str) -> list[str]:
+        from PIL import Image
+
+        folder = tmp / "images"
+        folder.mkdir()
+        for name in ("a.png", "b.png"):
+            Image.new("RGB", (8, 8)).save(folder / name)
+        (folder / "labels.csv").write_text("\n".join(["file,label,split", *rows]) + "\n")
+        model = {"checkpoint": None, "factory": "tests.campaign.factories:small_net"}
+        data = {"dataset": "images_csv", "data_root": str(folder), "image_selection": "any"}
+        return campaign(models=model, **data)(tmp, checkpoint)
+
+    return argv
+
+
 def command(*args: str) -> Argv:
     """A command line; ``{out}`` in an argument becomes the case's output folder."""
     return lambda tmp, _checkpoint: [a.format(out=tmp / "out") for a in args]
@@ -92,6 +111,8 @@ def train(*overrides: str) -> Argv:
 def tune(*overrides: str) -> Argv:
     return command("-m", "trainers.tune", "--config", "digits", "output={out}", *overrides)
 
+
+WEIGHTS_NAME = "ResNet18_Weights.IMAGENET1K_V1"  # not in the case's empty TORCH_HOME
 
 CASES: dict[str, tuple[Argv, str]] = {
     # campaign specs
@@ -135,6 +156,29 @@ CASES: dict[str, tuple[Argv, str]] = {
     "an embeddings file that is not one": (
         campaign(models={"embeddings": "/etc/hostname"}),
         "embeddings",
+    ),
+    "a negative label in labels.csv": (
+        labelled_images(["a.png,-1,val", "b.png,1,val"]),
+        "labels.csv: label -1 is negative",
+    ),
+    "a split that is neither train nor val": (
+        labelled_images(["a.png,0,test", "b.png,1,val"]),
+        "labels.csv: split 'test' is not train or val",
+    ),
+    "an image labels.csv names but lacks": (
+        labelled_images(["a.png,0,val", "c.png,1,val"]),
+        "1 files not found, e.g. c.png",
+    ),
+    "pretrained weights that are not cached": (
+        campaign(
+            models={"checkpoint": None, "torchvision": "resnet18", "weights": WEIGHTS_NAME},
+            dataset="digits",
+        ),
+        "not in the torch cache; put https://",
+    ),
+    "a factory that does not import": (
+        campaign(models={"checkpoint": None, "factory": "nopackage.models:build"}),
+        "nopackage",
     ),
     "a spec that is not YAML": (spec_file("name: [unclosed"), "spec.yaml"),
     "a spec that is a list": (spec_file("- name: x\n"), "spec.yaml"),
@@ -189,6 +233,8 @@ def checkpoint(tmp_path_factory):
 def test_bad_input_is_one_message_and_exit_2_with_nothing_written(case, checkpoint, tmp_path):
     argv, message = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TORCH_HOME"] = str(tmp_path / "torch")
+    env["PYTHONPATH"] = str(ROOT)  # a factory in the test tree imports as a user's package would
     done = subprocess.run(
         [sys.executable, *argv(tmp_path, checkpoint)],
         cwd=ROOT,

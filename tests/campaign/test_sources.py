@@ -3,6 +3,7 @@ model from a local safetensors file, a factory of the user's; one campaign runs 
 rows land in Parquet, and the report names each model's source. Weights never download."""
 
 import pickle
+import time
 
 import pytest
 import torch
@@ -106,10 +107,12 @@ def test_a_model_that_is_not_a_checkpoint_needs_a_data_set(weight_files, tmp_pat
 def test_uncached_pretrained_weights_are_one_clear_error_never_a_download(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     entry = ModelEntry("r", torchvision="resnet18", weights="ResNet18_Weights.IMAGENET1K_V1")
+    started = time.monotonic()
     with pytest.raises(ConfigError, match=r"not in the torch cache; put https://\S+ at "):
         load_model(entry)
     with pytest.raises(ConfigError, match="not in the Hugging Face cache"):
         load_model(ModelEntry("t", timm="test_efficientnet.r160_in1k"))
+    assert time.monotonic() - started < 1.0  # the issue's bound: no network wait, no retries
 
 
 def test_a_pickle_posing_as_weights_is_refused(tmp_path):
