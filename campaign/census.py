@@ -58,4 +58,5 @@ class CensusTally:
                 "shard": shard,
             },
             CENSUS_SCHEMA,
+            "census",
         )

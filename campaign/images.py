@@ -165,9 +165,10 @@ def validation_top2diff(model: torch.nn.Module, data: DataBundle, batch: int = 2
     return total / count
 
 
-def golden_table(model: torch.nn.Module, images: CampaignImages) -> pa.Table:
-    with torch.no_grad():
-        logits = model(images.images).float()
+def golden_table(logits: torch.Tensor, images: CampaignImages) -> pa.Table:
+    """The golden table of ``images`` from their fault-free ``logits`` (a worker's golden
+    pass): what every trial row's image refers to."""
+    logits = logits.float().cpu()
     probabilities = logits.softmax(dim=1)
     return pa.Table.from_pydict(
         {

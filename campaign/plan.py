@@ -94,6 +94,69 @@ class Shard:
         )
 
 
+@dataclass(frozen=True)
+class Pack:
+    """Shards written to one trial file: consecutive sampled shards of one model and kind (any
+    layers, formats and bits) up to about ``shard_size`` trials, or one census shard. A file per
+    shard would spend more bytes on Parquet's per-file footer than on the trials wherever a
+    stratum is small (the default campaign: 512 trials a layer); packing keeps every shard's
+    identity (its id is a column) and determinism. Named by its first shard's id."""
+
+    shards: tuple[Shard, ...]
+
+    @property
+    def id(self) -> int:
+        return self.shards[0].id
+
+    @property
+    def model(self) -> str:
+        return self.shards[0].model
+
+    @property
+    def kind(self) -> str:
+        return self.shards[0].kind
+
+    @property
+    def census(self) -> bool:
+        return self.shards[0].census
+
+    def size(self, images: int) -> int:
+        return sum(shard.size(images) for shard in self.shards)
+
+    def seal(self, images: int) -> ShardSeal:
+        """What the pack's file must be: its first shard's id, its trials, a digest of its
+        shards' digests (so of which trials, in order) and its rows."""
+        if self.census:
+            return self.shards[0].seal(images)
+        seals = [shard.seal(images) for shard in self.shards]
+        digest = hashlib.sha256("".join(s.digest for s in seals).encode()).hexdigest()
+        trials = sum(s.trials for s in seals)
+        return ShardSeal(self.id, trials, digest, rows=trials)
+
+
+def make_packs(shards: list[Shard], images: Mapping[str, int], shard_size: int) -> list[Pack]:
+    """``shards`` (in plan order) packed into files: consecutive sampled shards of one model,
+    kind and round while the pack stays within ``shard_size`` trials (a bigger shard alone);
+    census shards alone. A pure function of the plan, so a rerun packs alike."""
+    packs: list[list[Shard]] = []
+    for shard in shards:
+        last = packs[-1] if packs else None
+        fits = (
+            last is not None
+            and not shard.census
+            and not last[0].census
+            and (last[0].model, last[0].kind, last[0].round)
+            == (shard.model, shard.kind, shard.round)
+            and sum(s.size(images[s.model]) for s in last) + shard.size(images[shard.model])
+            <= shard_size
+        )
+        if fits:
+            last.append(shard)
+        else:
+            packs.append([shard])
+    return [Pack(tuple(p)) for p in packs]
+
+
 def trials_digest(index: torch.Tensor, bit: torch.Tensor, image: torch.Tensor) -> str:
     """Which trials, in order: sha256 over (index, bit, image position) as int64."""
     digest = hashlib.sha256()

@@ -1,6 +1,13 @@
-"""The actor pool: Ray actors that evaluate shards, a few in flight per actor, replacing actors
-that die and retrying their shards (each shard is deterministic, so a retry rewrites the same
-rows to the same path)."""
+"""What evaluates a campaign's packs of shards: Ray actors, or this process.
+
+The Ray pool puts the campaign's inputs (spec, images, bounds, handed-over models) in the object
+store once and passes them by reference, defines the actor class once, and spreads the actors
+over the cluster's nodes. Fault tolerance is the pool's, not Ray's ``max_restarts``: a restarted
+actor keeps its queued tasks, and where its node is gone and no slot is free it waits for a
+slot that may never come back; the pool instead moves a dead actor's packs to the actors that
+live, asks for a replacement, and gives it work only once it is built (a replacement that
+never starts just never gets work). Each pack is deterministic, so a retry rewrites the same
+rows to the same path."""
 
 from __future__ import annotations
 
@@ -9,27 +16,29 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 from torch import nn
 from tqdm.auto import tqdm
 
 from bitstorm.errors import BitstormError, DataError
 from campaign.images import CampaignImages
-from campaign.plan import Shard
+from campaign.plan import Pack
 from campaign.profile import Profile
 from campaign.spec import CampaignSpec
 from campaign.worker import ShardWorker
 
 log = logging.getLogger(__name__)
-MAX_SHARD_RETRIES = 3
+MAX_RETRIES = 3  # deaths of one pack's actors, or of one slot's actors before they start
 IN_FLIGHT_PER_ACTOR = 2
 
 
 class Pool(ABC):
-    """What evaluates a campaign's shards, kept across the rounds of a sequential campaign so
-    models and golden caches load once; ``models``: handed over (campaign.api), else each
-    worker loads the spec's."""
+    """Kept across the rounds of a sequential campaign so models and golden caches load once;
+    ``models``: handed over (campaign.api), else each worker loads the spec's.
+    ``trials_by_node``: where the trials ran (the manifest records it)."""
 
     def __init__(
         self,
@@ -41,6 +50,7 @@ class Pool(ABC):
     ) -> None:
         self.spec, self.images, self.profile, self.progress = spec, images, profile, progress
         self.models = models
+        self.trials_by_node: Counter[str] = Counter()
 
     def __enter__(self) -> Pool:
         return self
@@ -48,73 +58,132 @@ class Pool(ABC):
     def __exit__(self, *_exc: object) -> None:  # noqa: B027 - in-process: nothing to release
         pass
 
+    def start(self, wanted: int) -> None:  # noqa: B027 - in-process: nothing to start
+        """Start building up to ``wanted`` workers (they build in parallel)."""
+
     @abstractmethod
-    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+    def golden_table(self, model: str) -> pa.Table:
+        """``model``'s golden table from a worker's golden pass."""
+
+    @abstractmethod
+    def use_golden(self, tables: Mapping[str, pa.Table]) -> None:
+        """Hand every worker, present and future, the golden tables the campaign wrote."""
+
+    @abstractmethod
+    def run(self, pending: list[Pack], done: int, total: int, label: str) -> None:
         """Evaluate ``pending`` (``done`` of ``total`` trials are on disk already)."""
 
 
+@dataclass
+class _Slot:
+    """One actor place of the pool: its current actor, how many it had, and where it runs
+    (None until the actor is built)."""
+
+    actor: Any
+    ready: Any  # the ObjectRef of its ``ready()`` call
+    generation: int = 0
+    node: str | None = None
+    failures: int = 0  # actors of this slot that died before they were built
+
+
 class ShardPool(Pool):
-    """A pool of Ray actors that evaluate shards, replacing actors that die."""
+    """Ray actors that evaluate packs, replacing actors that die (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import ray
+
         super().__init__(*args, **kwargs)
-        self.actors: list[Any] = []
-        self.generation: list[int] = []
+        self.worker_class = ray.remote(ShardWorker)
+        # one copy of each input in the object store, whatever the number of actors
+        self.inputs = [ray.put(x) for x in (self.spec, self.images, self.profile, self.models)]
+        self.golden: Any = None
+        self.slots: list[_Slot] = []
 
     def __exit__(self, *_exc: object) -> None:
         import ray
 
-        for actor in self.actors:
-            ray.kill(actor)
+        for slot in self.slots:
+            ray.kill(slot.actor)
 
-    def _start(self, slot: int) -> Any:
+    def _start(self, position: int, generation: int = 0) -> _Slot:
+        resources = self.spec.resources
+        actor = self.worker_class.options(
+            name=f"bitstorm-{self.spec.name}-worker-{position}-{generation}",
+            num_cpus=resources.cpus_per_actor,
+            num_gpus=resources.gpus_per_actor,
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+        ).remote(*self.inputs, threads=max(1, int(resources.cpus_per_actor)))
+        if self.golden is not None:
+            actor.use_golden.remote(self.golden)  # runs before any pack: actor calls are FIFO
+        return _Slot(actor, actor.ready.remote(), generation)
+
+    def start(self, wanted: int) -> None:
+        while len(self.slots) < min(self.spec.resources.actors, wanted):
+            self.slots.append(self._start(len(self.slots)))
+
+    def _replace(self, position: int, before_ready: bool) -> None:
+        old = self.slots[position]
+        failures = old.failures + before_ready
+        if failures >= MAX_RETRIES:
+            raise DataError(
+                f"{failures} workers of slot {position} died before they were built (out of "
+                "memory? see the Ray logs)"
+            )
+        log.warning("actor %d died; its work goes to the others and a fresh actor", position)
+        self.slots[position] = self._start(position, old.generation + 1)
+        self.slots[position].failures = failures
+
+    def golden_table(self, model: str) -> pa.Table:
         import ray
 
-        name = f"bitstorm-{self.spec.name}-worker-{slot}-{self.generation[slot]}"
-        resources = self.spec.resources
-        options = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
-        return (
-            ray.remote(ShardWorker)
-            .options(name=name, **options)
-            .remote(
-                self.spec,
-                self.images,
-                self.profile,
-                self.models,
-                threads=int(resources.cpus_per_actor),
-            )
-        )
+        self.start(1)
+        return ray.get(self.slots[0].actor.golden_table.remote(model))
 
-    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+    def use_golden(self, tables: Mapping[str, pa.Table]) -> None:
+        import ray
+
+        self.golden = ray.put(dict(tables))
+        for slot in self.slots:
+            slot.actor.use_golden.remote(self.golden)
+
+    def run(self, pending: list[Pack], done: int, total: int, label: str) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        while len(self.actors) < min(self.spec.resources.actors, len(pending)):
-            self.generation.append(0)
-            self.actors.append(self._start(len(self.actors)))
-        queue: deque[Shard] = deque(pending)
-        in_flight: dict[Any, tuple[Shard, int, int]] = {}
+        self.start(len(pending))
+        queue: deque[Pack] = deque(pending)
+        in_flight: dict[Any, tuple[Pack, int, int]] = {}
         retries: Counter[int] = Counter()
 
-        def submit(slot: int) -> None:
-            while (
-                queue
-                and sum(1 for _, s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR
-            ):
-                shard = queue.popleft()
-                in_flight[self.actors[slot].run.remote(shard)] = (
-                    shard,
-                    slot,
-                    self.generation[slot],
-                )
+        def submit(position: int) -> None:
+            slot = self.slots[position]
+            if slot.node is None:
+                return  # not built yet: work goes to actors that are
+            busy = sum(1 for _, p, g in in_flight.values() if (p, g) == (position, slot.generation))
+            for _ in range(IN_FLIGHT_PER_ACTOR - busy):
+                if not queue:
+                    return
+                pack = queue.popleft()
+                in_flight[slot.actor.run.remote(pack)] = (pack, position, slot.generation)
 
-        for slot in range(len(self.actors)):
-            submit(slot)
+        for position in range(len(self.slots)):
+            submit(position)
         bar = progress_bar(self.spec, done, total, label, self.progress)
         started = time.perf_counter()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            shard, slot, born = in_flight.pop(ready[0])
+        while queue or in_flight:
+            building = {s.ready: p for p, s in enumerate(self.slots) if s.node is None}
+            ready, _ = ray.wait([*in_flight, *building], num_returns=1)
+            if ready[0] in building:
+                position = building[ready[0]]
+                try:
+                    self.slots[position].node = ray.get(ready[0])
+                except RayActorError:
+                    self._replace(position, before_ready=True)
+                    continue
+                submit(position)
+                continue
+            pack, position, generation = in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except RayTaskError as error:  # a user's to fix (a full disk): their message, once
@@ -122,37 +191,45 @@ class ShardPool(Pool):
                     raise error.cause from None
                 raise
             except RayActorError:
-                retries[shard.id] += 1
-                if retries[shard.id] > MAX_SHARD_RETRIES:
+                retries[pack.id] += 1
+                if retries[pack.id] > MAX_RETRIES:
                     raise DataError(
-                        f"shard {shard.id} failed {MAX_SHARD_RETRIES} times: its "
-                        "actors keep dying (out of memory?)"
+                        f"shard {pack.id} failed {MAX_RETRIES} times: its actors keep dying "
+                        "(out of memory?)"
                     ) from None
-                queue.appendleft(shard)
-                if born == self.generation[slot]:  # first failure seen from it: replace it
-                    log.warning("actor %d died; retrying its shards on a fresh actor", slot)
-                    self.generation[slot] += 1
-                    self.actors[slot] = self._start(slot)
-                submit(slot)
+                queue.appendleft(pack)
+                if generation == self.slots[position].generation:  # first we hear of it
+                    self._replace(position, before_ready=False)
+                for other in range(len(self.slots)):
+                    submit(other)
                 continue
+            self.trials_by_node[str(self.slots[position].node)] += result["rows"]
             bar.update(result["rows"])
-            submit(slot)
+            submit(position)
         bar.close()
-        log.info("ran %d shards in %.1f s", len(pending), time.perf_counter() - started)
+        log.info("ran %d files of shards in %.1f s", len(pending), time.perf_counter() - started)
 
 
 class LocalPool(Pool):
-    """Shards evaluated one after another in this process, no Ray (campaign.api's default):
+    """Packs evaluated one after another in this process, no Ray (campaign.api's default):
     the same worker, so the same rows as the actors write."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.worker = ShardWorker(self.spec, self.images, self.profile, self.models)
 
-    def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
+    def golden_table(self, model: str) -> pa.Table:
+        return self.worker.golden_table(model)
+
+    def use_golden(self, tables: Mapping[str, pa.Table]) -> None:
+        self.worker.use_golden(tables)
+
+    def run(self, pending: list[Pack], done: int, total: int, label: str) -> None:
         bar = progress_bar(self.spec, done, total, label, self.progress)
-        for shard in pending:
-            bar.update(self.worker.run(shard)["rows"])
+        for pack in pending:
+            rows = self.worker.run(pack)["rows"]
+            self.trials_by_node["local"] += rows
+            bar.update(rows)
         bar.close()
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import logging
 import platform
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +29,16 @@ from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import (
     CampaignImages,
     campaign_data,
-    golden_table,
     load_models,
     select_images,
     validation_top2diff,
 )
-from campaign.plan import Shard, make_plan, site_count, trials_digest
+from campaign.plan import Pack, Shard, make_packs, make_plan, site_count
 from campaign.pool import LocalPool, Pool, ShardPool
 from campaign.profile import Profile, training_profile
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
-from campaign.store import UNSEALED, ShardSeal, Store
+from campaign.store import GOLDEN_SCHEMA, LAYOUT, Store
 from trainers.checkpoint import read_manifest, resolve_checkpoint, verify_embeddings
 from trainers.data import DataBundle
 
@@ -157,26 +157,30 @@ def run_campaign(
     if removed := store.remove_temporaries():
         log.info("removed %d temporary files an interrupted run left", removed)
     previous = store.read_json(store.manifest_path)
+    if previous and previous.get("layout") != LAYOUT:
+        raise ConfigError(
+            f"{store.root} holds results in an earlier bitstorm's file layout; pass --fresh "
+            "to rerun the campaign into this one, or choose another name or output"
+        )
     if previous and previous.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"{store.root} holds results of a different campaign spec; pass "
             "--fresh to replace them, or choose another name or output"
         )
-    for name, model in checked.models.items():
-        path = store.golden_path(name)
-        if not store.exists(path):
-            store.write_table(path, golden_table(model, images[name]))
     profile = None
     if spec.range_restriction:
         layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
         profile = training_profile(spec, checked.models, layers, checked.data, store)
-    plan = make_plan(spec, checked.sites, {name: len(i.indices) for name, i in images.items()})
+    counts = {name: len(i.indices) for name, i in images.items()}
+    plan = make_plan(spec, checked.sites, counts)
     facts = recorded_facts(spec, checked)
     record = _Recorder(store, spec, checked, fingerprint, images, plan, profile, facts)
     targets = None
     pool_type = LocalPool if local else ShardPool
     handed = checked.models if given else None  # actors load a spec's models themselves
     with pool_type(spec, images, profile, progress, handed) as pool:
+        pool.start(len(make_packs(plan, counts, spec.shard_size)))
+        pool.use_golden({name: record.golden(name, pool) for name in checked.models})
         record.run_round(plan, pool, "")
         if spec.sampling == "sequential":
             # Each round's decision reads only the shards of earlier rounds (ids grow with the
@@ -188,6 +192,7 @@ def run_campaign(
                 lambda shards, r: record.run_round(shards, pool, f" round {r}"),
             )
             targets = [dataclasses.asdict(status) for status in statuses]
+        record.nodes.update(pool.trials_by_node)
     record.write("complete", targets)
     return store
 
@@ -205,20 +210,38 @@ class _Recorder:
     profile: Profile | None
     facts: dict[str, dict[str, Any]]  # the manifest's ``models``
 
-    def size(self, shard: Shard) -> int:
+    nodes: Counter[str] = dataclasses.field(default_factory=Counter)  # trials run per node
+
+    def size(self, shard: Shard | Pack) -> int:
         return shard.size(len(self.images[shard.model].indices))
 
+    def packs(self, shards: list[Shard]) -> list[Pack]:
+        return make_packs(
+            shards, {n: len(i.indices) for n, i in self.images.items()}, self.spec.shard_size
+        )
+
+    def golden(self, model: str, pool: Pool) -> pa.Table:
+        """``model``'s golden table: as written, or from a worker's golden pass, then written."""
+        path = self.store.golden_path(model)
+        if self.store.exists(path):
+            return self.store.read_columns(path, list(GOLDEN_SCHEMA.names))
+        table = pool.golden_table(model)
+        self.store.write_table(path, table)
+        return table
+
     def run_round(self, shards: list[Shard], pool: Pool, label: str) -> None:
-        """Record the plan so far, then run the shards of this round that have no file yet."""
+        """Record the plan so far, then run the packs of this round that have no file yet."""
         self.write("running")
-        pending = [s for s in shards if not self._done(s)]
-        total = sum(map(self.size, shards))
+        packs = self.packs(shards)
+        pending = [p for p in packs if not self._done(p)]
+        total = sum(map(self.size, packs))
         todo = sum(map(self.size, pending))
         log.info(
-            "campaign %s%s: %d shards (%d to run), %d trials",
+            "campaign %s%s: %d shards in %d files (%d to run), %d trials",
             self.spec.name,
             label,
             len(shards),
+            len(packs),
             len(pending),
             total,
         )
@@ -228,48 +251,28 @@ class _Recorder:
     def write(self, status: str, targets: list[dict[str, Any]] | None = None) -> None:
         self.store.write_json(self.store.manifest_path, self._manifest(status, targets))
 
-    def _done(self, shard: Shard) -> bool:
-        """Whether ``shard``'s file is there and is that shard (its seal and rows match the
-        plan); a damaged or foreign file is moved aside, logged, and the shard redone."""
-        path = self._path(shard)
+    def _done(self, pack: Pack) -> bool:
+        """Whether ``pack``'s file is there and is that pack (its seal and rows match the
+        plan); a damaged or foreign file is moved aside, logged, and the pack redone."""
+        path = self._path(pack)
         if not self.store.exists(path):
             return False
-        seal = shard.seal(len(self.images[shard.model].indices))
-        problem = self.store.seal_problem(path, seal)
-        if problem == UNSEALED and not shard.census:
-            problem = self._unsealed_problem(path, shard, seal)
+        problem = self.store.seal_problem(path, pack.seal(len(self.images[pack.model].indices)))
         if problem is None:
             return True
         log.warning(
             "shard %d at %s: %s; moved to %s, redoing it",
-            shard.id,
+            pack.id,
             path,
             problem,
             self.store.move_aside(path),
         )
         return False
 
-    def _unsealed_problem(self, path: str, shard: Shard, seal: ShardSeal) -> str | None:
-        """A shard from a bitstorm that wrote no seals is kept when its rows are exactly the
-        plan's trials (read from the file, so a rewritten or shortened file is not)."""
-        try:
-            keys = self.store.read_columns(path, ["index", "bit", "image"])
-        except (OSError, pa.ArrowException) as error:
-            return f"unreadable ({error})"
-        position = {image: i for i, image in enumerate(self.images[shard.model].indices)}
-        images = [position.get(image, -1) for image in keys["image"].to_pylist()]
-        digest = trials_digest(
-            torch.tensor(keys["index"].to_numpy()),
-            torch.tensor(keys["bit"].to_numpy()),
-            torch.tensor(images),
-        )
-        if keys.num_rows == seal.rows and digest == seal.digest:
-            return None
-        return f"{UNSEALED}, and its rows are not the plan's trials"
-
-    def _path(self, shard: Shard) -> str:
-        path = self.store.census_path if shard.census else self.store.shard_path
-        return path(shard.model, shard.kind, shard.layer, shard.id)
+    def _path(self, pack: Pack) -> str:
+        if pack.census:
+            return self.store.census_path(pack.model, pack.kind, pack.shards[0].layer, pack.id)
+        return self.store.shard_path(pack.model, pack.kind, pack.id)
 
     def _manifest(self, status: str, targets: list[dict[str, Any]] | None) -> dict[str, Any]:
         import duckdb
@@ -286,11 +289,15 @@ class _Recorder:
             "models": self.facts,
             # range restriction: the bounds and what they were profiled on
             "profile": None if self.profile is None else dataclasses.asdict(self.profile),
+            "layout": LAYOUT,
             "plan": {
                 "shards": len(self.plan),
                 "trials": sum(map(self.size, self.plan)),
                 "shard_list": [dataclasses.asdict(s) for s in self.plan],
+                # the files: each pack's shard ids (campaign.plan.Pack)
+                "packs": [[s.id for s in p.shards] for p in self.packs(self.plan)],
             },
+            "nodes": dict(self.nodes),
             "versions": {
                 "bitstorm": __version__,
                 "torch": torch.__version__,

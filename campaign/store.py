@@ -33,26 +33,34 @@ import pyarrow.parquet as pq
 from bitstorm.atomic import json_bytes
 from bitstorm.errors import ConfigError, DataError
 
+# What a trial file stores: nothing another table or a flip can give back (issue 15: bytes per
+# trial bound the campaigns a cluster can afford). ``faulty_top1`` and ``top2diff`` are null
+# where they equal the image's golden ones (a masked fault), ``value_after`` where it is the
+# exact flip of ``value_before`` (float formats, unrestricted); the ``trials`` view
+# (campaign.analysis.results) restores them, with ``label`` and ``golden_top1`` from the golden
+# table. ``layer`` and ``format`` are columns because one file packs several strata.
 TRIAL_SCHEMA = pa.schema(
     [
         ("model", pa.dictionary(pa.int32(), pa.string())),
         ("kind", pa.dictionary(pa.int8(), pa.string())),
         ("layer", pa.dictionary(pa.int32(), pa.string())),
+        ("format", pa.dictionary(pa.int8(), pa.string())),
+        ("shard", pa.int32()),
         ("index", pa.int64()),
         ("bit", pa.int8()),
-        ("format", pa.dictionary(pa.int8(), pa.string())),
         ("image", pa.int32()),
-        ("label", pa.int32()),
-        ("golden_top1", pa.int32()),
         ("faulty_top1", pa.int32()),
         ("sdc", pa.bool_()),
         ("non_finite", pa.bool_()),
         ("top2diff", pa.float32()),
         ("value_before", pa.float32()),
         ("value_after", pa.float32()),
-        ("shard", pa.int32()),
     ]
 )
+# Columns with few distinct values per file, dictionary-encoded; the rest are plain + zstd.
+DICTIONARY_COLUMNS = ("layer", "format", "shard", "bit")
+# Files written by an earlier layout (a file per layer, every column stored) are not read.
+LAYOUT = 2
 
 GOLDEN_SCHEMA = pa.schema(
     [
@@ -102,7 +110,7 @@ class ShardSeal:
 
 # Partition columns live in the path, not in the file (hive partitioning), so readers that
 # scan the folder (pyarrow datasets, DuckDB's hive_partitioning) add them back.
-PARTITION_COLUMNS = ("model", "kind", "layer")
+PARTITION_COLUMNS = {"trials": ("model", "kind"), "census": ("model", "kind", "layer")}
 
 
 @dataclass(frozen=True)
@@ -132,10 +140,9 @@ class Store:
                 raise cannot_write(root, error) from None
         return cls(filesystem, root)
 
-    def shard_path(self, model: str, kind: str, layer: str, shard: int) -> str:
-        return (
-            f"{self.root}/trials/model={model}/kind={kind}/layer={layer}/shard-{shard:06d}.parquet"
-        )
+    def shard_path(self, model: str, kind: str, shard: int) -> str:
+        """A trial file: the rows of a pack of shards (campaign.plan.Pack), named by its first."""
+        return f"{self.root}/trials/model={model}/kind={kind}/shard-{shard:06d}.parquet"
 
     def census_path(self, model: str, kind: str, layer: str, shard: int) -> str:
         return (
@@ -159,12 +166,23 @@ class Store:
     def write_table(self, path: str, table: pa.Table, seal: ShardSeal | None = None) -> None:
         """Write ``table`` as zstd Parquet, atomically; a shard carries its ``seal`` in the
         file's metadata, so that a reader can tell it is the shard the plan defines."""
-        if seal is not None:
-            table = table.replace_schema_metadata({SEAL_KEY: json.dumps(asdict(seal))})
-        self._write_atomically(
-            path,
-            lambda stream: pq.write_table(table, stream, compression="zstd", use_dictionary=True),
-        )
+        options = {
+            "compression": "zstd",
+            "use_dictionary": [c for c in table.column_names if c in DICTIONARY_COLUMNS]
+            if seal is not None
+            else True,
+            # the footer is a file's fixed cost: no Arrow schema copy, no min/max statistics
+            "store_schema": False,
+            "write_statistics": False,
+        }
+
+        def write(stream: Any) -> None:
+            with pq.ParquetWriter(stream, table.schema, **options) as writer:
+                writer.write_table(table)
+                if seal is not None:
+                    writer.add_key_value_metadata({SEAL_KEY: json.dumps(asdict(seal))})
+
+        self._write_atomically(path, write)
 
     def seal_problem(self, path: str, expected: ShardSeal) -> str | None:
         """Why the shard file at ``path`` is not the one ``expected`` describes (its footer does
@@ -252,16 +270,21 @@ class Store:
                 raise DataError(f"{path} is corrupt: {error}") from None
 
 
-def trial_table(columns: dict[str, Any], schema: pa.Schema = TRIAL_SCHEMA) -> pa.Table:
+def trial_table(
+    columns: dict[str, Any], schema: pa.Schema = TRIAL_SCHEMA, folder: str = "trials"
+) -> pa.Table:
     """A table of rows in ``schema`` (trials, or census counts) minus the partition columns
-    (which the path holds). ``columns`` maps column names to arrays, lists or scalars
-    (broadcast)."""
-    names = [f.name for f in schema if f.name not in PARTITION_COLUMNS]
+    of ``folder`` (which the path holds). ``columns`` maps column names to arrays, lists or
+    scalars (broadcast)."""
+    names = [f.name for f in schema if f.name not in PARTITION_COLUMNS[folder]]
     length = max((len(v) for v in columns.values() if _is_sequence(v)), default=0)
     arrays = []
     for name in names:
         value = columns[name]
         field = schema.field(name)
+        if isinstance(value, pa.Array):  # nullable columns come with their nulls
+            arrays.append(value.cast(field.type))
+            continue
         values = value if _is_sequence(value) else [value] * length
         arrays.append(pa.array(_as_list(values), type=field.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))

@@ -1,21 +1,24 @@
 """The shard worker: a Ray actor per GPU on a cluster (CPU actors locally) that owns the models,
-their engines and golden caches, and writes its own Parquet shards, so trial rows never pass
+their engines and golden caches, and writes its own Parquet files, so trial rows never pass
 through the driver."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from campaign.census import CensusTally
-from campaign.faults.bits import format_width
+from campaign.faults.bits import flip, format_width, number_format
 from campaign.faults.engine import Engine
 from campaign.faults.golden import GoldenCache
 from campaign.faults.inject import RangeRestriction
 from campaign.faults.sites import select_layers
-from campaign.images import CampaignImages, load_models
-from campaign.plan import Shard
+from campaign.faults.trials import Outcomes
+from campaign.images import CampaignImages, golden_table, load_models
+from campaign.plan import Pack, Shard
 from campaign.profile import Profile
 from campaign.spec import CampaignSpec
 from campaign.store import Store, trial_table
@@ -23,8 +26,8 @@ from campaign.store import Store, trial_table
 
 class ShardWorker:
     """Loads every model and its engine once (with the campaign's protocol: range restriction
-    with the profile's bounds, the SDC rule), runs each model's golden pass once, then
-    evaluates and writes shard after shard."""
+    with the profile's bounds, the SDC rule), runs each model's golden pass once on its own
+    device, then evaluates and writes pack after pack."""
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class ShardWorker:
         device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.engines: dict[str, Engine] = {}
         self.caches: dict[str, GoldenCache] = {}
+        self.golden: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # top-1, Top2Diff
         if models is None:
             models = {name: loaded.model for name, loaded in load_models(spec).items()}
         for name, model in models.items():
@@ -65,37 +69,63 @@ class ShardWorker:
             self.engines[name] = engine
             self.caches[name] = engine.golden(images[name].images, list(layers), spec.kinds)
 
-    def run(self, shard: Shard) -> dict[str, int]:
-        """Evaluate ``shard`` and write its Parquet file; returns counts for progress."""
-        if shard.census:
-            return self._census(shard)
-        images = self.images[shard.model]
+    def ready(self) -> str:
+        """The Ray node this actor runs on, answered once it is built."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def golden_table(self, model: str) -> pa.Table:
+        """The golden table of ``model`` from this worker's golden pass (batched, on its
+        device), for the driver to write once."""
+        return golden_table(self.caches[model].logits, self.images[model])
+
+    def use_golden(self, tables: Mapping[str, pa.Table]) -> None:
+        """The golden tables the campaign wrote: a trial whose faulty top-1 or Top2Diff equals
+        its image's golden one there stores null, which the ``trials`` view restores."""
+        self.golden = {
+            name: (
+                torch.tensor(table["golden_top1"].to_numpy()),
+                torch.tensor(table["top2diff"].to_numpy()),
+            )
+            for name, table in tables.items()
+        }
+
+    def run(self, pack: Pack) -> dict[str, int]:
+        """Evaluate ``pack`` and write its Parquet file; returns counts for progress."""
+        if pack.census:
+            return self._census(pack.shards[0])
+        images = self.images[pack.model]
+        tables = [self._rows(shard, images) for shard in pack.shards]
+        table = pa.concat_tables(tables)
+        self.store.write_table(
+            self.store.shard_path(pack.model, pack.kind, pack.id),
+            table,
+            pack.seal(len(images.indices)),
+        )
+        sdc = int(pc.sum(table["sdc"]).as_py() or 0)
+        return {"shard": pack.id, "rows": table.num_rows, "sdc": sdc}
+
+    def _rows(self, shard: Shard, images: CampaignImages) -> pa.Table:
         group = shard.trials(len(images.indices))
         out = self.engines[shard.model].run(self.caches[shard.model], group)
-        image_ids = torch.tensor(images.indices)[group.image]
-        table = trial_table(
+        top1, top2diff = (column[group.image] for column in self.golden[shard.model])
+        return trial_table(
             {
+                "layer": shard.layer,
+                "format": shard.fmt,
+                "shard": shard.id,
                 "index": group.index,
                 "bit": group.bit,
-                "format": shard.fmt,
-                "image": image_ids,
-                "label": images.labels[group.image],
-                "golden_top1": out.golden_top1,
-                "faulty_top1": out.faulty_top1,
+                "image": torch.tensor(images.indices)[group.image],
+                "faulty_top1": _unless(out.faulty_top1, out.faulty_top1 == top1),
                 "sdc": out.sdc,
                 "non_finite": out.non_finite,
-                "top2diff": out.top2diff,
+                "top2diff": _unless(out.top2diff, _same_bits(out.top2diff, top2diff)),
                 "value_before": out.value_before,
-                "value_after": out.value_after,
-                "shard": shard.id,
+                "value_after": _unless(out.value_after, _is_exact_flip(out, group.bit, shard.fmt)),
             }
         )
-        self.store.write_table(
-            self.store.shard_path(shard.model, shard.kind, shard.layer, shard.id),
-            table,
-            shard.seal(len(images.indices)),
-        )
-        return {"shard": shard.id, "rows": table.num_rows, "sdc": int(out.sdc.sum())}
 
     def _census(self, shard: Shard) -> dict[str, int]:
         """Every site x bit x image of a final classifier, tallied (campaign.census)."""
@@ -117,3 +147,21 @@ class ShardWorker:
             shard.seal(len(self.images[shard.model].indices)),
         )
         return {"shard": shard.id, "rows": int(tally.trials.sum()), "sdc": int(tally.sdc.sum())}
+
+
+def _unless(values: torch.Tensor, derivable: torch.Tensor) -> pa.Array:
+    """``values`` with null wherever ``derivable``: a value the ``trials`` view gives back."""
+    return pa.array(values.numpy(), mask=derivable.numpy())
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Equal as stored (bit for bit, so NaN and -0.0 are never taken for another value)."""
+    return a.float().view(torch.int32) == b.float().view(torch.int32)
+
+
+def _is_exact_flip(out: Outcomes, bits: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Whether each trial's value after is the plain flip of its value before (a float format,
+    not clamped by range restriction): int8's depends on a scale, so it is always stored."""
+    if not number_format(fmt).is_float:
+        return torch.zeros(len(bits), dtype=torch.bool)
+    return _same_bits(flip(out.value_before, bits, fmt), out.value_after)

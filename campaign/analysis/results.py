@@ -18,13 +18,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bitstorm.errors import DataError
 from campaign.analysis.stats import Rate, shrunk_rates, stratified_estimate
-from campaign.store import CENSUS_SCHEMA, GOLDEN_SCHEMA, PARTITION_COLUMNS, TRIAL_SCHEMA, Store
+from campaign.store import (
+    CENSUS_SCHEMA,
+    GOLDEN_SCHEMA,
+    LAYOUT,
+    PARTITION_COLUMNS,
+    TRIAL_SCHEMA,
+    Store,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -125,29 +133,89 @@ def results_of(store: Store) -> Results:
     manifest = store.read_json(store.manifest_path)
     if manifest is None:
         raise DataError(f"{store.root} is not a campaign folder (it has no manifest.json)")
+    if manifest.get("layout") != LAYOUT:
+        raise DataError(
+            f"{store.root} was written in an earlier bitstorm's file layout; rerun its campaign "
+            "with --fresh to read it with this one"
+        )
     connection = duckdb.connect()
     planned = _planned_files(store, manifest)
     for folder, schema in (("trials", TRIAL_SCHEMA), ("census", CENSUS_SCHEMA)):
-        dataset = _dataset(store, folder, schema, PARTITION_COLUMNS, planned[folder].__contains__)
-        connection.register(folder, dataset)
+        partitions = PARTITION_COLUMNS[folder]
+        dataset = _dataset(store, folder, schema, partitions, planned[folder].__contains__)
+        connection.register(f"stored_{folder}", dataset)
     golden = _dataset(store, "golden", GOLDEN_SCHEMA, ("model",), _GOLDEN_NAME.fullmatch)
     connection.register("golden", golden)
+    connection.execute("create view census as select * from stored_census")
+    connection.create_function(
+        "bitstorm_flip", _flip, ["FLOAT", "TINYINT", "VARCHAR"], "FLOAT", type="arrow"
+    )
+    connection.execute(TRIALS_VIEW)
     return Results(store, manifest, connection)
 
 
+# The ``trials`` view: every column of a trial, with what the files leave out (campaign.store's
+# TRIAL_SCHEMA) restored: the golden label and top-1 from the golden table, the faulty top-1
+# and Top2Diff where a masked fault left them golden, the value after where it is the flip.
+TRIALS_VIEW = """
+create view trials as
+select t.model, t.kind, t.layer, t.index, t.bit, t.format, t.image,
+       g.label, g.golden_top1,
+       coalesce(t.faulty_top1, g.golden_top1) as faulty_top1,
+       t.sdc, t.non_finite,
+       coalesce(t.top2diff, g.top2diff) as top2diff,
+       t.value_before,
+       coalesce(t.value_after, bitstorm_flip(t.value_before, t.bit, t.format)) as value_after,
+       t.shard
+from stored_trials t left join golden g on g.model = t.model and g.image = t.image
+"""
+
 _GOLDEN_NAME = re.compile(r"model=[^/]+/part-0\.parquet")
+
+
+def _flip(values: pa.Array, bits: pa.Array, formats: pa.Array) -> pa.Array:
+    """Bit ``bits`` of each value flipped as its float format stores it (fp32, fp16, bf16:
+    the worker stores only values that differ from this); null for int8, whose values after
+    are always stored."""
+    value = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    bit = bits.to_numpy(zero_copy_only=False).astype(np.uint32)
+    fmt = np.asarray(formats.to_pylist(), dtype=object)
+    out = np.full(len(value), np.nan, dtype=np.float32)
+    one = np.uint32(1)
+    for name, flipped in (
+        ("fp32", lambda v, b: (v.view(np.uint32) ^ (one << b)).view(np.float32)),
+        ("bf16", lambda v, b: (v.view(np.uint32) ^ (one << (b + 16))).view(np.float32)),
+        (
+            "fp16",
+            lambda v, b: (
+                (v.astype(np.float16).view(np.uint16) ^ (one << b).astype(np.uint16))
+                .view(np.float16)
+                .astype(np.float32)
+            ),
+        ),
+    ):
+        where = fmt == name
+        if where.any():
+            out[where] = flipped(value[where], bit[where])
+    return pa.array(out, mask=~np.isin(fmt, ("fp32", "bf16", "fp16")))
 
 
 def _planned_files(store: Store, manifest: dict[str, Any]) -> dict[str, set[str]]:
     """The files the store writes for the manifest's plan, by folder, relative to it: the only
     ones a reader reads (a copy named ``shard-000088 (1).parquet``, a stray file or a shard of
     another plan is never counted)."""
+    plan = manifest.get("plan", {})
+    shards = {shard["id"]: shard for shard in plan.get("shard_list", [])}
     files: dict[str, set[str]] = {"trials": set(), "census": set()}
-    for shard in manifest.get("plan", {}).get("shard_list", []):
-        folder = "census" if shard.get("census") else "trials"
-        path = store.census_path if shard.get("census") else store.shard_path
-        full = path(shard["model"], shard["kind"], shard["layer"], shard["id"])
-        files[folder].add(full[len(f"{store.root}/{folder}/") :])
+    for ids in plan.get("packs", []):
+        first = shards[ids[0]]
+        if first.get("census"):
+            path = store.census_path(first["model"], first["kind"], first["layer"], first["id"])
+            folder = "census"
+        else:
+            path = store.shard_path(first["model"], first["kind"], first["id"])
+            folder = "trials"
+        files[folder].add(path[len(f"{store.root}/{folder}/") :])
     return files
 
 

@@ -125,7 +125,7 @@ class Engine:
         unknown = [layer for layer in layers if layer not in self.sites]
         if unknown:
             raise ConfigError(f"no injectable layer {unknown[0]!r}; see campaign.faults.sites")
-        cache = GoldenCache(images, self.logits(images).argmax(dim=1))
+        cache = GoldenCache(images, self.logits(images))
         cuts = [
             self.traced.cut(layer, call)
             for layer in layers

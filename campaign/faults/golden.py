@@ -26,9 +26,13 @@ class GoldenCache:
     """
 
     images: torch.Tensor
-    top1: torch.Tensor  # on the engine's device
+    logits: torch.Tensor  # on the engine's device
     values: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
     peaks: dict[str, float] = field(default_factory=dict)
+    top1: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.top1 = self.logits.argmax(dim=1)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from campaign.store import GOLDEN_SCHEMA, Store, trial_table
+from campaign.store import GOLDEN_SCHEMA, LAYOUT, Store, trial_table
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainConfig
 from trainers.models import build_model
@@ -57,7 +57,7 @@ def write_campaign(
             if (m, k, lay) == (model, kind, layer)
         }
         store.write_table(
-            store.shard_path(model, kind, layer, shard), _rows(strata, shard, images_per_fault)
+            store.shard_path(model, kind, shard), _rows(strata, layer, shard, images_per_fault)
         )
     model_names = list(dict.fromkeys(model for model, _, _ in sites))
     for model in model_names:
@@ -70,6 +70,7 @@ def write_campaign(
         }
         store.write_table(store.golden_path(model), pa.table(golden, schema=GOLDEN_SCHEMA))
     manifest: dict[str, Any] = {
+        "layout": LAYOUT,
         "status": "complete",
         "spec": {
             "name": name,
@@ -90,6 +91,7 @@ def write_campaign(
                 {"id": i, "model": m, "kind": k, "layer": lay, "fmt": "fp32", "sites": size}
                 for i, ((m, k, lay), size) in enumerate(sites.items())
             ],
+            "packs": [[i] for i in range(len(sites))],
         },
         "versions": {"bitstorm": "test"},
     }
@@ -99,7 +101,9 @@ def write_campaign(
     return store.root
 
 
-def _rows(strata: dict[int, tuple[int, int]], shard: int, images_per_fault: int) -> pa.Table:
+def _rows(
+    strata: dict[int, tuple[int, int]], layer: str, shard: int, images_per_fault: int
+) -> pa.Table:
     bits, sdc, index = [], [], []
     for bit, (trials, successes) in strata.items():
         bits += [bit] * trials
@@ -108,12 +112,11 @@ def _rows(strata: dict[int, tuple[int, int]], shard: int, images_per_fault: int)
     sdc_array = np.array(sdc, dtype=bool)
     return trial_table(
         {
+            "layer": layer,
             "index": index,
             "bit": bits,
             "format": "fp32",
             "image": [i % images_per_fault for i in range(len(bits))],
-            "label": 0,
-            "golden_top1": 0,
             "faulty_top1": sdc_array.astype(np.int32),
             "sdc": sdc_array,
             "non_finite": False,
@@ -122,7 +125,7 @@ def _rows(strata: dict[int, tuple[int, int]], shard: int, images_per_fault: int)
             "value_after": 2.0,
             "shard": shard,
         }
-    )
+    )  # golden top-1 is 0 for every image: faulty_top1 1 is an SDC
 
 
 @pytest.fixture

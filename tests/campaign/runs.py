@@ -5,9 +5,9 @@ import os
 
 import duckdb
 
-from campaign.analysis.results import overall_rates, results_of
+from campaign.analysis.results import open_results, overall_rates, results_of
 from campaign.images import select_images
-from campaign.plan import make_plan
+from campaign.plan import make_packs, make_plan
 from campaign.runner import validate
 from campaign.spec import CampaignSpec
 
@@ -37,6 +37,12 @@ def summary_of(store):
 
 
 def trial_rows(output):
+    """Every trial of campaign ``test`` as the ``trials`` view gives it (columns restored)."""
+    return open_results(f"{output}/test").df("select * from trials")
+
+
+def stored_rows(output):
+    """The rows of every trial file under campaign ``test``'s folder, planned or not."""
     return duckdb.sql(
         f"select * from read_parquet('{output}/test/trials/**/*.parquet', hive_partitioning=true)"
     ).df()
@@ -48,6 +54,14 @@ def planned(spec):
     images = next(iter(per_model.values()))  # one image set: image_selection is shared here
     plan = make_plan(spec, checked.sites, {name: len(i.indices) for name, i in per_model.items()})
     return plan, images, checked.models
+
+
+def planned_files(spec, store):
+    """The plan's trial files (its sampled packs, campaign.plan.Pack) and their paths."""
+    plan, images, _ = planned(spec)
+    packs = make_packs(plan, {m.name: len(images.indices) for m in spec.models}, spec.shard_size)
+    sampled = [p for p in packs if not p.census]
+    return sampled, [store.shard_path(p.model, p.kind, p.id) for p in sampled]
 
 
 def actor_pids():

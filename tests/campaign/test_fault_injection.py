@@ -23,7 +23,9 @@ from campaign.store import Store
 from tests.campaign.runs import (
     actor_pids,
     planned,
+    planned_files,
     shard_files,
+    stored_rows,
     summary_of,
     tiny_spec,
     trial_rows,
@@ -112,10 +114,9 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     ray_local, checkpoints, tmp_path
 ):
     """A shard truncated to half its bytes, one rewritten with half its rows (seal kept), one
-    rewritten without a seal and with other trials, a renamed copy and a stray file: the rerun
-    moves the damaged ones aside and redoes them, ignores the rest, and every planned trial is
-    there exactly once. An unsealed shard whose rows are the plan's trials (as bitstorm wrote
-    them before seals) is kept."""
+    rewritten without a seal and with other trials, one with its rows but not its seal, a
+    renamed copy and a stray file: the rerun moves the damaged ones aside and redoes them,
+    ignores the rest, and every planned trial is there exactly once."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -123,9 +124,9 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     run_campaign(spec, progress=False)
     store = Store.open(str(tmp_path), "test")
     plan, images, _ = planned(spec)
-    expected = {s.id: s.size(len(images.indices)) for s in plan}
-    paths = [store.shard_path(s.model, s.kind, s.layer, s.id) for s in plan]
-    truncated, halved, unsealed, copied, legacy = paths[:5]
+    packs, paths = planned_files(spec, store)
+    expected = {p.id: p.size(len(images.indices)) for p in packs}
+    truncated, halved, unsealed, copied, seal_lost = paths[:5]
     with open(truncated, "rb") as f:
         data = f.read()
     with open(truncated, "wb") as f:
@@ -136,19 +137,18 @@ def test_damaged_foreign_and_stray_files_are_redone_or_ignored_on_rerun(
     index = foreign.schema.get_field_index("index")
     shifted = pc.add(foreign["index"], 1)
     pq.write_table(foreign.set_column(index, "index", shifted), unsealed)
-    pq.write_table(pq.read_table(legacy).replace_schema_metadata(None), legacy)
-    legacy_bytes = Path(legacy).read_bytes()
+    pq.write_table(pq.read_table(seal_lost).replace_schema_metadata(None), seal_lost)
     Path(copied.replace(".parquet", " (1).parquet")).write_bytes(Path(copied).read_bytes())
     Path(copied).with_name("stray.tmp").write_text("not a shard")
     run_campaign(spec, progress=False)
-    rows = trial_rows(tmp_path)  # read_parquet over every *.parquet: the copy would count here
-    assert len(rows) == sum(expected.values()) + expected[plan[3].id]
+    rows = stored_rows(tmp_path)  # read_parquet over every *.parquet: the copy would count here
+    assert len(rows) == sum(expected.values()) + expected[packs[3].id]
     results = results_of(store)
     strata = results.strata()
-    assert sum(s.trials for s in strata) == sum(expected.values())
+    census = sum(s.size(len(images.indices)) for s in plan if s.census)
+    assert sum(s.trials for s in strata) == sum(expected.values()) + census
     moved = sorted(p.name for p in (tmp_path / "test" / "damaged").rglob("*.parquet.*"))
-    assert len(moved) == 3 and all(p.startswith("shard-00000") for p in moved)
-    assert Path(legacy).read_bytes() == legacy_bytes  # kept, not redone
+    assert len(moved) == 4 and all(p.startswith("shard-00000") for p in moved)
     assert list(summary_of(store).values()) == list(overall_rates(results).values())
 
 

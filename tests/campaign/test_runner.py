@@ -16,6 +16,7 @@ from campaign.sequential import Target, group_status
 from campaign.store import Store
 from tests.campaign.runs import (
     planned,
+    planned_files,
     shard_files,
     summary_of,
     tiny_spec,
@@ -57,10 +58,9 @@ def test_rerun_skips_finished_shards_and_gives_the_same_result(ray_local, checkp
     order = ["shard", "index", "bit", "image"]
     first = trial_rows(tmp_path).sort_values(order).reset_index(drop=True)
     store = Store.open(str(tmp_path), "test")
-    plan, _, _ = planned(spec)
-    removed = [s for s in plan if s.id % 3 == 0]  # as if the driver had stopped before these
-    for shard in removed:
-        os.remove(store.shard_path(shard.model, shard.kind, shard.layer, shard.id))
+    _, paths = planned_files(spec, store)
+    for path in paths[::3]:  # as if the driver had stopped before these
+        os.remove(path)
     before = {p: os.path.getmtime(p) for p in shard_files(tmp_path)}
     run_campaign(spec, progress=False)
     after = trial_rows(tmp_path).sort_values(order).reset_index(drop=True)
@@ -100,8 +100,8 @@ def test_a_sequential_campaign_meets_the_margin_and_replays_its_rounds_on_rerun(
     assert {p: os.path.getmtime(p) for p in shard_files(tmp_path)} == before
     assert store.read_json(store.manifest_path)["plan"] == manifest["plan"]
     # A later round's shard lost (a driver killed mid-round): the rerun redoes exactly it.
-    lost = plan[-1]
-    os.remove(store.shard_path(lost["model"], lost["kind"], lost["layer"], lost["id"]))
+    lost = plan[manifest["plan"]["packs"][-1][0]]
+    os.remove(store.shard_path(lost["model"], lost["kind"], lost["id"]))
     assert summary_of(run_campaign(spec, progress=False)) == summary
     assert store.read_json(store.manifest_path)["plan"] == manifest["plan"]
     order = ["shard", "model", "kind", "layer", "index", "bit", "image"]

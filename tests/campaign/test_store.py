@@ -11,15 +11,14 @@ from campaign import store as store_module
 from campaign.store import GOLDEN_SCHEMA, TRIAL_SCHEMA, Store, trial_table
 
 
-def _rows(n=5, shard=3):
+def _rows(n=5, shard=3, layer="fc"):
     return trial_table(
         {
+            "layer": layer,
             "index": torch.arange(n),
             "bit": torch.full((n,), 30),
             "format": "fp32",
             "image": torch.arange(n),
-            "label": torch.zeros(n, dtype=torch.long),
-            "golden_top1": torch.zeros(n, dtype=torch.long),
             "faulty_top1": torch.arange(n) % 2,
             "sdc": torch.arange(n) % 2 == 1,
             "non_finite": torch.zeros(n, dtype=torch.bool),
@@ -33,8 +32,8 @@ def _rows(n=5, shard=3):
 
 def test_shards_read_back_with_every_required_column(tmp_path):
     store = Store.open(str(tmp_path), "demo")
-    store.write_table(store.shard_path("resnet18_text", "weight", "layer1.0.conv1", 3), _rows())
-    store.write_table(store.shard_path("resnet18_text", "neuron", "fc", 4), _rows(shard=4))
+    store.write_table(store.shard_path("resnet18_text", "weight", 3), _rows(layer="layer1.0.conv1"))
+    store.write_table(store.shard_path("resnet18_text", "neuron", 4), _rows(shard=4))
     table = ds.dataset(f"{store.root}/trials", format="parquet", partitioning="hive").to_table()
     assert set(TRIAL_SCHEMA.names) <= set(table.column_names) and table.num_rows == 10
     assert sorted(set(table["layer"].to_pylist())) == ["fc", "layer1.0.conv1"]
@@ -44,28 +43,28 @@ def test_shards_read_back_with_every_required_column(tmp_path):
         "group by kind order by kind"
     ).fetchall()
     assert rows == [("neuron", 5, 2), ("weight", 5, 2)]
-    metadata = pq.read_metadata(store.shard_path("resnet18_text", "weight", "layer1.0.conv1", 3))
+    metadata = pq.read_metadata(store.shard_path("resnet18_text", "weight", 3))
     assert metadata.row_group(0).column(0).compression == "ZSTD"
 
 
 def test_a_half_written_shard_is_never_seen(tmp_path, monkeypatch):
     store = Store.open(str(tmp_path), "demo")
-    path = store.shard_path("m", "weight", "fc", 1)
+    path = store.shard_path("m", "weight", 1)
 
-    def crash(table, stream, **kwargs):
+    def crash(stream, schema, **kwargs):
         stream.write(b"PAR1 half a file")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(store_module.pq, "write_table", crash)
+    monkeypatch.setattr(store_module.pq, "ParquetWriter", crash)
     with pytest.raises(KeyboardInterrupt):
         store.write_table(path, _rows())
     assert not store.exists(path)
-    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight"
     assert list(folder.iterdir()) == []  # the temporary file was removed too
     # Even a leftover temporary file (a killed process cannot clean up) is invisible to readers.
     (folder / ".shard-000001.parquet.dead.tmp").write_bytes(b"PAR1 half")
     monkeypatch.undo()
-    store.write_table(store.shard_path("m", "weight", "fc", 2), _rows())
+    store.write_table(store.shard_path("m", "weight", 2), _rows())
     assert (
         ds.dataset(f"{store.root}/trials", format="parquet", partitioning="hive")
         .to_table()
@@ -119,9 +118,9 @@ def test_a_failed_write_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_temporaries_a_killed_writer_left_are_removed_and_nothing_else(tmp_path):
     store = Store.open(str(tmp_path), "demo")
-    shard = store.shard_path("m", "weight", "fc", 3)
+    shard = store.shard_path("m", "weight", 3)
     store.write_table(shard, _rows())
-    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+    folder = tmp_path / "demo" / "trials" / "model=m" / "kind=weight"
     (folder / ".shard-000004.parquet.0123abcd.tmp").write_bytes(b"half a shard")
     (folder / "notes.tmp").write_text("a user's file, not hidden: not ours")
     assert store.remove_temporaries() == 1

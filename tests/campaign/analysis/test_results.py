@@ -15,7 +15,7 @@ from campaign.analysis.results import (
     results_of,
     variance_rates,
 )
-from campaign.store import Store, trial_table
+from campaign.store import LAYOUT, Store, trial_table
 from tests.campaign.conftest import model_entry
 
 IMAGES = 8
@@ -64,7 +64,7 @@ def test_views_restore_the_hive_columns_and_hold_every_row(campaign):
 
 
 def test_a_hidden_half_written_file_is_not_seen(campaign):
-    folder = f"{campaign}/trials/model=base/kind=weight/layer=fc"
+    folder = f"{campaign}/trials/model=base/kind=weight"
     with open(f"{folder}/.shard-000099.parquet.dead.tmp", "wb") as handle:
         handle.write(b"PAR1 half a file")
     results = open_results(campaign)
@@ -98,16 +98,16 @@ def test_strata_count_like_a_groupby_with_population_from_the_plan(campaign):
 
 
 def test_only_the_files_the_plan_names_are_read(campaign):
-    """A shard of another campaign copied in (a layer this plan never had), a renamed copy of a
+    """A shard of another campaign copied in (an id this plan never had), a renamed copy of a
     real shard and a stray file: none of them is counted."""
     parent, _, name = campaign.rpartition("/")
     store = Store.open(parent, name, create=False)
     before = open_results(campaign).strata()
-    rows = {"index": [1, 2], "bit": 0, "format": "fp32", "image": 0, "label": 0}
-    rows |= {"golden_top1": 0, "faulty_top1": 0, "sdc": False, "non_finite": False}
-    rows |= {"top2diff": 1.0, "value_before": 1.0, "value_after": 2.0, "shard": 0}
-    store.write_table(store.shard_path("base", "weight", "layer9", 0), trial_table(rows))
-    real = store.shard_path("base", "weight", "conv1", 0)
+    rows = {"layer": "fc", "index": [1, 2], "bit": 0, "format": "fp32", "image": 0}
+    rows |= {"faulty_top1": 0, "sdc": False, "non_finite": False}
+    rows |= {"top2diff": 1.0, "value_before": 1.0, "value_after": 2.0, "shard": 99}
+    store.write_table(store.shard_path("base", "weight", 99), trial_table(rows))
+    real = store.shard_path("base", "weight", 0)
     copy = real.replace("shard-000000.parquet", "shard-000000 (1).parquet")
     store.filesystem.copy_file(real, copy)
     with store.filesystem.open_output_stream(real.rpartition("/")[0] + "/stray.tmp") as stream:
@@ -126,9 +126,10 @@ def test_a_folder_without_manifest_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("half_written", [False, True])
 def test_a_campaign_without_trials_yet_gives_empty_views(tmp_path, half_written):
     store = Store.open(str(tmp_path), "fresh")
-    store.write_json(store.manifest_path, {"images": [0, 1], "plan": {"shard_list": []}})
+    manifest = {"layout": LAYOUT, "images": [0, 1], "plan": {"shard_list": [], "packs": []}}
+    store.write_json(store.manifest_path, manifest)
     if half_written:  # the first shard is being written: its folder holds only a hidden file
-        folder = tmp_path / "fresh" / "trials" / "model=m" / "kind=weight" / "layer=fc"
+        folder = tmp_path / "fresh" / "trials" / "model=m" / "kind=weight"
         folder.mkdir(parents=True)
         (folder / ".shard-000000.parquet.abc.tmp").write_bytes(b"PAR1 half")
     results = results_of(store)
