@@ -19,6 +19,7 @@ from campaign.images import CampaignImages
 from campaign.plan import Shard
 from campaign.profile import Profile
 from campaign.spec import CampaignSpec
+from campaign.store import Store
 from campaign.worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -28,18 +29,21 @@ IN_FLIGHT_PER_ACTOR = 2
 
 class Pool(ABC):
     """What evaluates a campaign's shards, kept across the rounds of a sequential campaign so
-    models and golden caches load once; ``models``: handed over (campaign.api), else each
-    worker loads the spec's."""
+    models and golden caches load once; ``store``: where the driver opened the output (its file
+    system carries the endpoint to the actors); ``models``: handed over (campaign.api), else
+    each worker loads the spec's."""
 
     def __init__(
         self,
         spec: CampaignSpec,
+        store: Store,
         images: dict[str, CampaignImages],
         profile: Profile | None,
         progress: bool,
         models: Mapping[str, nn.Module] | None = None,
     ) -> None:
-        self.spec, self.images, self.profile, self.progress = spec, images, profile, progress
+        self.spec, self.store, self.images = spec, store, images
+        self.profile, self.progress = profile, progress
         self.models = models
 
     def __enter__(self) -> Pool:
@@ -78,6 +82,7 @@ class ShardPool(Pool):
             .options(name=name, **options)
             .remote(
                 self.spec,
+                self.store,
                 self.images,
                 self.profile,
                 self.models,
@@ -147,7 +152,7 @@ class LocalPool(Pool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.worker = ShardWorker(self.spec, self.images, self.profile, self.models)
+        self.worker = ShardWorker(self.spec, self.store, self.images, self.profile, self.models)
 
     def run(self, pending: list[Shard], done: int, total: int, label: str) -> None:
         bar = progress_bar(self.spec, done, total, label, self.progress)
