@@ -28,6 +28,7 @@ from campaign.images import CampaignImages
 from campaign.plan import Pack
 from campaign.profile import Profile
 from campaign.spec import CampaignSpec
+from campaign.store import Store
 from campaign.worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,21 @@ IN_FLIGHT_PER_ACTOR = 2
 
 class Pool(ABC):
     """Kept across the rounds of a sequential campaign so models and golden caches load once;
-    ``models``: handed over (campaign.api), else each worker loads the spec's.
+    ``store``: where the driver opened the output (its file system carries the endpoint to the
+    actors); ``models``: handed over (campaign.api), else each worker loads the spec's.
     ``trials_by_node``: where the trials ran (the manifest records it)."""
 
     def __init__(
         self,
         spec: CampaignSpec,
+        store: Store,
         images: dict[str, CampaignImages],
         profile: Profile | None,
         progress: bool,
         models: Mapping[str, nn.Module] | None = None,
     ) -> None:
-        self.spec, self.images, self.profile, self.progress = spec, images, profile, progress
+        self.spec, self.store, self.images = spec, store, images
+        self.profile, self.progress = profile, progress
         self.models = models
         self.trials_by_node: Counter[str] = Counter()
 
@@ -95,7 +99,8 @@ class ShardPool(Pool):
         super().__init__(*args, **kwargs)
         self.worker_class = ray.remote(ShardWorker)
         # one copy of each input in the object store, whatever the number of actors
-        self.inputs = [ray.put(x) for x in (self.spec, self.images, self.profile, self.models)]
+        inputs = (self.spec, self.store, self.images, self.profile, self.models)
+        self.inputs = [ray.put(x) for x in inputs]
         self.golden: Any = None
         self.slots: list[_Slot] = []
 
@@ -216,7 +221,7 @@ class LocalPool(Pool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.worker = ShardWorker(self.spec, self.images, self.profile, self.models)
+        self.worker = ShardWorker(self.spec, self.store, self.images, self.profile, self.models)
 
     def golden_table(self, model: str) -> pa.Table:
         return self.worker.golden_table(model)

@@ -39,7 +39,7 @@ from campaign.profile import Profile, training_profile
 from campaign.sequential import run_rounds
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA, LAYOUT, Store
-from trainers.checkpoint import read_manifest, resolve_checkpoint, verify_embeddings
+from trainers.checkpoint import fetched_checkpoint, read_manifest, verify_embeddings
 from trainers.data import DataBundle
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def validate(spec: CampaignSpec) -> CheckedCampaign:
     for entry in spec.models:
         if entry.embeddings:
             try:
-                manifest = read_manifest(resolve_checkpoint(entry.checkpoint))
+                with fetched_checkpoint(entry.checkpoint) as (folder, _where):
+                    manifest = read_manifest(folder)
                 verify_embeddings(manifest, entry.embeddings)
             except DataError as error:
                 raise ConfigError(f"models[{entry.name}].embeddings: {error}") from None
@@ -148,10 +149,10 @@ def run_campaign(
     fingerprint = spec.fingerprint(checked.model_ids)
     images = select_images(spec, checked.models, checked.data)
     resources = spec.resources
+    store = Store.open(spec.output, spec.name)  # an output that refuses writes: before Ray
     if not local:
         private = connect(address)
         check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
-    store = Store.open(spec.output, spec.name)
     if fresh:
         store.filesystem.delete_dir_contents(store.root, missing_dir_ok=True)
     if removed := store.remove_temporaries():
@@ -178,7 +179,7 @@ def run_campaign(
     targets = None
     pool_type = LocalPool if local else ShardPool
     handed = checked.models if given else None  # actors load a spec's models themselves
-    with pool_type(spec, images, profile, progress, handed) as pool:
+    with pool_type(spec, store, images, profile, progress, handed) as pool:
         pool.start(len(make_packs(plan, counts, spec.shard_size)))
         pool.use_golden({name: record.golden(name, pool) for name in checked.models})
         record.run_round(plan, pool, "")

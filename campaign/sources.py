@@ -73,14 +73,14 @@ def load_model(entry: Any) -> LoadedModel:
 
 
 def _from_checkpoint(entry: Any) -> LoadedModel:
-    from trainers.checkpoint import load_checkpoint, read_manifest, resolve_checkpoint
+    from trainers.checkpoint import fetched_checkpoint, load_checkpoint, read_manifest
 
-    folder = resolve_checkpoint(entry.checkpoint)
-    manifest = read_manifest(folder)
-    model, _config = load_checkpoint(folder)
+    with fetched_checkpoint(entry.checkpoint) as (folder, where):
+        manifest = read_manifest(folder)
+        model, _config = load_checkpoint(folder)
     config = manifest["config"]
     facts = {
-        "source": f"bitstorm checkpoint {folder}",
+        "source": f"bitstorm checkpoint {where}",
         "backbone": config["backbone"],
         "head": config["head"],
         "dataset": config["dataset"],

@@ -13,8 +13,10 @@ Layout (docs/design.md, "Results layout")::
 a final classifier is tens of millions of trials): one row per format, bit, golden-value range
 and whether the faulty unit is the image's golden top-1.
 
-A file is written under a temporary name starting with ``.`` (which pyarrow datasets and DuckDB
-globs skip) and then moved into place, so a shard exists only once it is complete.
+A local file is written under a temporary name starting with ``.`` (which pyarrow datasets and
+DuckDB globs skip) and then renamed into place, so a shard exists only once it is complete; on an
+object store, where an object appears only once its upload completes, it is serialised in memory
+and uploaded to its final name in one go.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bitstorm.atomic import json_bytes
-from bitstorm.errors import ConfigError, DataError
+from bitstorm.errors import DataError
+from bitstorm.storage import open_location, store_error, upload
 
 # What a trial file stores: nothing another table or a flip can give back (issue 15: bytes per
 # trial bound the campaigns a cluster can afford). ``faulty_top1`` and ``top2diff`` are null
@@ -123,21 +126,17 @@ class Store:
     @classmethod
     def open(cls, uri: str, campaign: str, *, create: bool = True) -> Store:
         """``uri`` is a local folder or any URI pyarrow understands (s3://, gs://, file://)."""
-        try:
-            filesystem, path = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError) as error:
-            if "://" in uri:  # a URI pyarrow cannot open, not a folder named "foo:"
-                raise ConfigError(
-                    f"output {uri!r}: pyarrow opens no file system for it ({error}); use a "
-                    "local folder or a URI such as s3://bucket/prefix or gs://bucket/prefix"
-                ) from None
-            filesystem, path = pafs.LocalFileSystem(), _absolute_local(uri)
+        filesystem, path = open_location(uri)
         root = f"{path.rstrip('/')}/{campaign}"
-        if create:
-            try:
+        try:
+            if create:
                 filesystem.create_dir(root, recursive=True)
-            except OSError as error:
-                raise cannot_write(root, error) from None
+            else:  # a bucket or endpoint that is not there fails here, once, not mid-read
+                filesystem.get_file_info(root)
+        except OSError as error:
+            if create:
+                raise cannot_write(root, error, filesystem) from None
+            raise store_error(f"cannot read {root}", error) from None
         return cls(filesystem, root)
 
     def shard_path(self, model: str, kind: str, shard: int) -> str:
@@ -241,23 +240,25 @@ class Store:
         self._write_atomically(path, lambda stream: stream.write(data))
 
     def _write_atomically(self, path: str, write: Callable[[Any], object]) -> None:
-        """``write`` to a hidden temporary name beside ``path``, then move it into place; a
-        failure removes the temporary file, so nothing half-written is left under any name."""
+        """``write`` the file ``path`` whole or not at all: locally to a hidden temporary name
+        beside it, then renamed (a failure removes the temporary file); to an object store
+        into memory first, then uploaded once (storage.upload)."""
         folder, _, name = path.rpartition("/")
         temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        local = isinstance(self.filesystem, pafs.LocalFileSystem)
         try:
-            self.filesystem.create_dir(folder, recursive=True)
-            if isinstance(self.filesystem, pafs.LocalFileSystem):
+            if local:
+                self.filesystem.create_dir(folder, recursive=True)
                 _write_durably(temporary, path, write)
                 return
-            with self.filesystem.open_output_stream(temporary) as stream:
-                write(stream)
-            self.filesystem.move(temporary, path)  # an object store's put is atomic
+            buffer = pa.BufferOutputStream()
+            write(buffer)
+            upload(self.filesystem, path, buffer.getvalue().to_pybytes())
         except BaseException as error:
-            if self.filesystem.get_file_info(temporary).type == pafs.FileType.File:
-                self.filesystem.delete_file(temporary)
+            if local and os.path.exists(temporary):
+                os.remove(temporary)
             if isinstance(error, OSError):  # read-only, full, gone: the user's to fix
-                raise cannot_write(path, error) from None
+                raise cannot_write(path, error, self.filesystem) from None
             raise
 
     def read_json(self, path: str) -> dict[str, Any] | None:
@@ -315,14 +316,11 @@ def _as_list(values: Any) -> Any:
     return values
 
 
-def _absolute_local(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).expanduser().resolve())
-
-
-def cannot_write(path: str, error: OSError) -> DataError:
-    """A write the output refused (read-only, full, not there), as the user's to fix."""
+def cannot_write(path: str, error: OSError, filesystem: pafs.FileSystem) -> DataError:
+    """A write the output refused (read-only, full, not there; an object store's bucket
+    missing or its endpoint not answering), as the user's to fix."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return store_error(f"cannot write {path}", error)
     return DataError(
         f"cannot write {path}: {error.strerror or error}; check that the output folder is "
         "writable and has room (finished shards are kept: rerun to go on)"

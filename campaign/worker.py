@@ -32,18 +32,20 @@ class ShardWorker:
     def __init__(
         self,
         spec: CampaignSpec,
+        store: Store,
         images: dict[str, CampaignImages],
         profile: Profile | None,
         models: Mapping[str, torch.nn.Module] | None = None,
         threads: int | None = None,
     ) -> None:
-        """``models``: handed over (campaign.api), else loaded from the spec; ``threads``:
-        torch's intra-op threads, set in an actor (never in a user's own process)."""
+        """``store``: the driver's (the file system it opened, endpoint included); ``models``:
+        handed over (campaign.api), else loaded from the spec; ``threads``: torch's intra-op
+        threads, set in an actor (never in a user's own process)."""
         resources = spec.resources
         if threads is not None:
             torch.set_num_threads(max(1, threads))
         self.images = images
-        self.store = Store.open(spec.output, spec.name)
+        self.store = store
         device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.engines: dict[str, Engine] = {}
         self.caches: dict[str, GoldenCache] = {}

@@ -15,9 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -27,6 +31,7 @@ from torch import nn
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.config import from_dict, to_dict
 from bitstorm.errors import BitstormError, DataError
+from bitstorm.storage import is_uri, open_location, store_error, uri_of
 from bitstorm.version import __version__
 from embeddings.store import ClassEmbeddings, load_embeddings
 from trainers.config import TrainConfig
@@ -93,18 +98,25 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     ``descriptions_sha256``, and an unknown (None) ``embeddings_file_sha256``."""
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{folder}: not a checkpoint (no {MANIFEST})") from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """The manifest ``raw`` read from ``where`` (read_manifest's checks, for any file system)."""
+    try:
+        manifest = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: corrupt manifest ({error})") from None
+        raise DataError(f"{where}: corrupt manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: unknown checkpoint format {found!r}")
+        raise DataError(f"{where}: unknown checkpoint format {found!r}")
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:
         raise DataError(
-            f"{path}: the manifest lacks {', '.join(missing)}: it was edited, or not written "
+            f"{where}: the manifest lacks {', '.join(missing)}: it was edited, or not written "
             "by bitstorm; use the checkpoint folder training wrote"
         )
     return _upgrade(manifest)
@@ -225,15 +237,28 @@ def load_weights(
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint of the highest epoch under a run folder (Ray Train's layout), or None."""
-    best: tuple[int, Path] | None = None
-    for manifest in Path(run_dir).glob(f"*/{MANIFEST}"):
+    """The checkpoint of the highest epoch under a local run folder (Ray Train's layout)."""
+    found = latest_stored(pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
+    return Path(run_dir) / Path(found).name if found is not None else None  # as named
+
+
+def latest_stored(filesystem: pafs.FileSystem, run_dir: str) -> str | None:
+    """The checkpoint of the highest epoch under the run folder ``run_dir`` of ``filesystem``
+    (local or an object store), or None; folders whose manifest does not read are skipped."""
+    best: tuple[int, str] | None = None
+    try:
+        found = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except NotADirectoryError:
+        return None
+    for info in found:
+        if info.type != pafs.FileType.Directory:
+            continue
         try:
-            epoch = int(read_manifest(manifest.parent)["epoch"])
-        except (DataError, KeyError, ValueError):
+            epoch = int(_stored_manifest(filesystem, info.path)["epoch"])
+        except (DataError, FileNotFoundError, KeyError, TypeError, ValueError):
             continue
         if best is None or epoch > best[0]:
-            best = (epoch, manifest.parent)
+            best = (epoch, info.path)
     return best[1] if best else None
 
 
@@ -246,11 +271,65 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise DataError(
-            f"{path}: neither a checkpoint (no {MANIFEST}) nor a training run folder holding "
-            "one; train the model first, or name its checkpoint folder"
-        )
+        raise _no_checkpoint(path)
     return latest
+
+
+@contextmanager
+def fetched_checkpoint(location: str) -> Iterator[tuple[Path, str]]:
+    """The checkpoint ``location`` names (as ``resolve_checkpoint`` finds it) as a local folder,
+    and where it is: itself when local; from an object store (``s3://bucket/runs/name``), a
+    temporary copy of its manifest and weights, removed on exit, which ``load_checkpoint``
+    reads and checks like any other."""
+    if not is_uri(location):
+        folder = resolve_checkpoint(location)
+        yield folder, str(folder)
+        return
+    filesystem, path = open_location(location)
+    try:
+        found = path if _is_file(filesystem, f"{path}/{MANIFEST}") else None
+        found = found or latest_stored(filesystem, path)
+    except OSError as error:
+        raise store_error(location, error) from None
+    if found is None:
+        raise _no_checkpoint(location)
+    with fetched_stored(filesystem, found) as folder:
+        yield folder, uri_of(filesystem, found)
+
+
+@contextmanager
+def fetched_stored(filesystem: pafs.FileSystem, folder: str) -> Iterator[Path]:
+    """The checkpoint folder ``folder`` of ``filesystem`` as a local folder: itself when local,
+    else a temporary copy of its files, removed on exit."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="bitstorm-checkpoint-") as scratch:
+        try:
+            for name in (MANIFEST, WEIGHTS, TRAIN_STATE):
+                if name == TRAIN_STATE and not _is_file(filesystem, f"{folder}/{name}"):
+                    continue  # written only by training, for resuming
+                with filesystem.open_input_stream(f"{folder}/{name}") as stream:
+                    (Path(scratch) / name).write_bytes(stream.read())
+        except OSError as error:
+            raise store_error(folder, error) from None
+        yield Path(scratch)
+
+
+def _stored_manifest(filesystem: pafs.FileSystem, folder: str) -> dict[str, Any]:
+    with filesystem.open_input_stream(f"{folder}/{MANIFEST}") as stream:
+        return parse_manifest(stream.read(), f"{folder}/{MANIFEST}")
+
+
+def _is_file(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def _no_checkpoint(location: str | Path) -> DataError:
+    return DataError(
+        f"{location}: neither a checkpoint (no {MANIFEST}) nor a training run folder holding "
+        "one; train the model first, or name its checkpoint folder"
+    )
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bitstorm.config import load_config
 from bitstorm.errors import ConfigError
+from bitstorm.storage import absolute, join
 from trainers.data import DATASETS
 from trainers.heads import HEADS
 
@@ -93,8 +94,9 @@ class TrainConfig:
         return self.lr
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output).resolve() / self.name
+    def run_dir(self) -> str:
+        """Where Ray Train keeps this run: ``<output>/<name>``, a local folder or a URI."""
+        return join(absolute(self.output), self.name)
 
 
 def load_train_config(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -6,12 +6,15 @@ Shared by ``python -m trainers.train`` and the Tune sweep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 import re
 from pathlib import Path
 
 from bitstorm.config import to_dict
 from bitstorm.ray_cluster import connect
+from bitstorm.storage import absolute, is_uri, open_location, ray_storage
 from embeddings.build import build_embeddings
 from embeddings.descriptions import clean_descriptions, load_descriptions
 from embeddings.encoders import load_encoder
@@ -54,7 +57,16 @@ def built_embeddings_path(cfg: TrainConfig) -> Path:
     slug = re.sub(
         r"[^A-Za-z0-9.-]+", "_", f"{cfg.dataset}-{Path(cfg.descriptions).stem}-{cfg.text_encoder}"
     )
-    return Path(cfg.output).resolve() / "embeddings" / f"{slug}.safetensors"
+    return _embeddings_folder(cfg.output) / f"{slug}.safetensors"
+
+
+def _embeddings_folder(output: str) -> Path:
+    """``<output>/embeddings``; for an object-store output, a local cache folder
+    (``$XDG_CACHE_HOME/bitstorm/embeddings``): workers read the file by its local path."""
+    if is_uri(output):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "bitstorm" / "embeddings"
+    return Path(absolute(output)) / "embeddings"
 
 
 def fit(cfg: TrainConfig, callbacks: list | None = None):
@@ -83,14 +95,14 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
     connect()
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(train_loop_per_worker, run_folder=open_location(cfg.run_dir)),
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.output).resolve()),
+            **ray_storage(cfg.output),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,8 +26,9 @@ from bitstorm.config import from_dict
 from bitstorm.metrics import top2diff, topk_correct
 from embeddings.store import load_embeddings
 from trainers.checkpoint import (
+    fetched_stored,
     file_sha256,
-    latest_checkpoint,
+    latest_stored,
     load_train_state,
     load_weights,
     read_manifest,
@@ -55,13 +57,14 @@ class Session(Protocol):
 class TrainSession:
     """A Ray Train worker: DDP when there are several workers. It resumes from Ray's latest
     checkpoint, else from the latest bitstorm checkpoint in the run folder (one a user placed
-    there, or one whose Ray snapshot is gone), which Ray Train alone would ignore."""
+    there, or one whose Ray snapshot is gone), which Ray Train alone would ignore; the run
+    folder is ``filesystem``'s ``run_dir``, as the driver opened it (endpoint included)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, filesystem: pafs.FileSystem, run_dir: str) -> None:
         import ray.train
         import ray.train.torch
 
-        self.run_dir = run_dir
+        self.filesystem, self.run_dir = filesystem, run_dir
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -86,12 +89,13 @@ class TrainSession:
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 return load(Path(folder))
-        placed = latest_checkpoint(self.run_dir)
+        placed = latest_stored(self.filesystem, self.run_dir)
         if placed is None:
             return 0
         if self.rank == 0:
             print(f"resuming from {placed}, found in the run folder", flush=True)
-        return load(placed)
+        with fetched_stored(self.filesystem, placed) as folder:
+            return load(folder)
 
 
 class TuneSession:
@@ -130,12 +134,14 @@ class _BadInputTracebacks(logging.Filter):
         return "\nbitstorm.errors." not in record.getMessage()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for ``TorchTrainer``."""
+def train_loop_per_worker(
+    config: dict[str, Any], *, run_folder: tuple[pafs.FileSystem, str]
+) -> None:
+    """Entry point for ``TorchTrainer``, with ``run_folder`` bound by the driver: the run
+    folder's file system as the driver opened it (its endpoint), and its path there."""
     # The logger that Ray Train (v2) reports a training function's exception on.
     logging.getLogger("ray.train.v2._internal.util").addFilter(_BadInputTracebacks())
-    cfg = from_dict(TrainConfig, config)
-    run_training(cfg, TrainSession(cfg.run_dir))
+    run_training(from_dict(TrainConfig, config), TrainSession(*run_folder))
 
 
 def run_training(cfg: TrainConfig, session: Session) -> None:

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from bitstorm.errors import BitstormError
+from bitstorm.storage import uri_of
 from trainers.checkpoint import read_manifest
 from trainers.config import load_train_config
 
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if result.checkpoint is None:
         print("no checkpoint was written (num_workers=0 keeps none)")
         return 0
-    history = read_manifest(result.checkpoint.path)["history"]
+    with result.checkpoint.as_directory() as folder:  # a local copy when on an object store
+        history = read_manifest(folder)["history"]
     print(format_history(history))
-    print(f"checkpoint: {result.checkpoint.path}")
+    print(f"checkpoint: {uri_of(result.checkpoint.filesystem, result.checkpoint.path)}")
     return 0
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitstorm.atomic import write_bytes_atomic, write_json_atomic
+from bitstorm.atomic import json_bytes
 from bitstorm.config import from_dict, load_config, to_dict
 from bitstorm.errors import BitstormError, ConfigError
+from bitstorm.storage import absolute, join, ray_storage, uri_of, write_bytes
 from trainers.backbones import check_backbone
 from trainers.config import TrainConfig, load_train_config
 from trainers.data import check_data
@@ -144,7 +145,7 @@ def run_sweep(sweep: SweepConfig):
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=str(Path(sweep.output).resolve()),
+            **ray_storage(sweep.output),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         ),
     )
@@ -176,7 +177,11 @@ def summarise(results, sweep: SweepConfig) -> tuple[str, dict[str, dict[str, Any
                 sweep.metric: score,
                 "lr": result.config["lr"],
                 "epoch": result.metrics.get("epoch"),
-                "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                "checkpoint": (
+                    uri_of(result.checkpoint.filesystem, result.checkpoint.path)
+                    if result.checkpoint
+                    else None
+                ),
             }
     return table.sort_values(["variant", "lr"]).to_csv(index=False), best
 
@@ -194,16 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table, best = summarise(results, sweep)
-    folder = Path(sweep.output).resolve() / sweep.name
-    write_bytes_atomic(folder / "results.csv", table.encode())
-    write_json_atomic(folder / "best.json", best)
+    folder = join(absolute(sweep.output), sweep.name)
+    try:
+        write_bytes(join(folder, "results.csv"), table.encode())
+        write_bytes(join(folder, "best.json"), json_bytes(best))
+    except BitstormError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(table)
     for variant, row in sorted(best.items()):
         print(
             f"best {variant}: {sweep.metric} {row[sweep.metric]:.4f} at lr {row['lr']} "
             f"-> {row['checkpoint']}"
         )
-    print(f"wrote {folder / 'results.csv'} and {folder / 'best.json'}")
+    print(f"wrote {join(folder, 'results.csv')} and {join(folder, 'best.json')}")
     return 0 if best else 1
 
 

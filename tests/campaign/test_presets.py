@@ -91,7 +91,7 @@ def test_models_are_a_linear_baseline_and_a_text_head_from_the_header_commands(p
     runs = {cfg.run_dir: cfg for cfg in training_runs(path)}
     assert len(runs) == 2, "the header gives one training command per model"
     for head, entry in entries.items():
-        cfg = runs.get(Path(entry.checkpoint).resolve())
+        cfg = runs.get(str(Path(entry.checkpoint).resolve()))
         assert cfg is not None, f"{entry.checkpoint} is no run folder of the header's commands"
         assert cfg.head == head and entry.name == f"{cfg.backbone}_{head}"
         assert cfg.dataset == spec.dataset and Path(cfg.data_root) == Path(spec.data_root)
@@ -115,7 +115,7 @@ def test_digits_preset_uses_what_the_default_run_writes():
     output = Path(build_parser().parse_args([]).output).resolve()
     configs = default_train_configs(output)
     entries = {e.name.rpartition("_")[2]: e for e in spec.models}
-    assert {head: Path(e.checkpoint).resolve() for head, e in entries.items()} == {
+    assert {head: str(Path(e.checkpoint).resolve()) for head, e in entries.items()} == {
         head: cfg.run_dir for head, cfg in configs.items()
     }
     assert Path(entries["text"].embeddings).resolve() == default_embeddings(output)
