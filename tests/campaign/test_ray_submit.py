@@ -32,6 +32,7 @@ from tests.campaign.runs import planned, tiny_settings, tiny_spec, trial_rows
 ROOT = Path(__file__).resolve().parents[2]
 SSHD = Path("/usr/sbin/sshd")
 BIN = Path(sys.executable).parent  # this interpreter's ray and python
+SMALL = {"formats": ["fp32"]}  # the tiny campaign, smaller still: Ray's start is what is tested
 
 
 # ssh's ProxyCommand: its stdin and stdout to a TCP port, in one process that ends with either.
@@ -191,7 +192,7 @@ def test_ray_up_submit_down_runs_a_campaign_on_a_local_provider_cluster(
     config, port = local_config(sshd, temp_dir, tmp_path)
     spec = tmp_path / "spec.yaml"
     output = tmp_path / "results"
-    spec.write_text(yaml.safe_dump(tiny_settings(checkpoints, output)))
+    spec.write_text(yaml.safe_dump(tiny_settings(checkpoints, output, **SMALL)))
     # Another Ray on this machine, as `ray stop` recognises one: by a process named raylet.
     decoy = tmp_path / "raylet"
     shutil.copy(shutil.which("sleep"), decoy)
@@ -215,7 +216,7 @@ def test_ray_up_submit_down_runs_a_campaign_on_a_local_provider_cluster(
     assert alive, "the cluster's start or stop commands killed another Ray's process"
     results = open_results(str(output / "test"))
     assert results.manifest["status"] == "complete"
-    plan, images, _ = planned(tiny_spec(checkpoints, output))
+    plan, images, _ = planned(tiny_spec(checkpoints, output, **SMALL))
     rows = trial_rows(output)
     assert rows.groupby("shard").size().to_dict() == {
         s.id: s.size(len(images.indices)) for s in plan
