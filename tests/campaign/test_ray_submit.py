@@ -208,6 +208,8 @@ def test_ray_up_submit_down_runs_a_campaign_on_a_local_provider_cluster(
         down = ray_cli("down", "-y", config, check=False)
         left = ray_node.stop(temp_dir)  # whatever down did not stop, so that nothing lingers
         shutil.rmtree(temp_dir, ignore_errors=True)
+        for state in Path("/tmp/ray").glob(f"cluster-{temp_dir.name}.*"):  # the provider's record
+            state.unlink()
         alive = other.poll() is None
         other.kill()
     assert f"joining the Ray cluster at 127.0.0.1:{port}" in done.stdout + done.stderr
