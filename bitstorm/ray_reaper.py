@@ -36,7 +36,7 @@ def watch_driver() -> subprocess.Popen | None:
     )
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
+def process_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, parent pid, start time) of ``pid``, or None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -47,7 +47,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 
 def running(process: Process) -> bool:
     """Whether ``process`` still runs (a zombie has exited; a new start time is another)."""
-    stat = _stat(process[0])
+    stat = process_stat(process[0])
     return stat is not None and stat[0] != "Z" and stat[2] == process[1]
 
 
@@ -55,7 +55,7 @@ def descendants(*roots: int) -> set[Process]:
     """Every running process below ``roots`` in the process tree (the roots not included)."""
     children: dict[int, list[Process]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) and stat[0] != "Z":
+        if entry.name.isdigit() and (stat := process_stat(int(entry.name))) and stat[0] != "Z":
             children.setdefault(stat[1], []).append((int(entry.name), stat[2]))
     found, todo = set(), list(roots)
     while todo:
@@ -82,11 +82,11 @@ def reap(family: set[Process], within_s: float = 10.0) -> None:
 
 def main(argv: list[str]) -> int:
     driver = int(argv[0])
-    stat = _stat(driver)
+    stat = process_stat(driver)
     if stat is None:
         return 0
     watched, family = (driver, stat[2]), set()
-    myself = (os.getpid(), _stat(os.getpid())[2])
+    myself = (os.getpid(), process_stat(os.getpid())[2])
     while running(watched):
         family |= descendants(driver) - {myself}
         time.sleep(POLL_S)

@@ -12,8 +12,9 @@ from campaign.runner import validate
 from campaign.spec import CampaignSpec
 
 
-def tiny_spec(checkpoints, output, **changes):
-    settings = {
+def tiny_settings(checkpoints, output, **changes):
+    """The tiny campaign as a spec file holds it."""
+    return {
         "models": [
             {"name": "base", "checkpoint": checkpoints["linear"]},
             {"name": "text", "checkpoint": checkpoints["text_random"]},
@@ -28,7 +29,10 @@ def tiny_spec(checkpoints, output, **changes):
         "resources": {"actors": 2},
         "shard_size": 24,
     } | changes
-    return CampaignSpec.parse(settings)
+
+
+def tiny_spec(checkpoints, output, **changes):
+    return CampaignSpec.parse(tiny_settings(checkpoints, output, **changes))
 
 
 def summary_of(store):
