@@ -32,7 +32,7 @@ from campaign.store import Store
 from campaign.worker import ShardWorker
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 3  # deaths of one pack's actors, or of one slot's actors before they start
+MAX_RETRIES = 3  # deaths of one pack's actors, or failed constructors of one slot's actors
 IN_FLIGHT_PER_ACTOR = 2
 
 
@@ -87,7 +87,7 @@ class _Slot:
     ready: Any  # the ObjectRef of its ``ready()`` call
     generation: int = 0
     node: str | None = None
-    failures: int = 0  # actors of this slot that died before they were built
+    failures: int = 0  # actors of this slot whose constructor raised
 
 
 class ShardPool(Pool):
@@ -127,13 +127,17 @@ class ShardPool(Pool):
         while len(self.slots) < min(self.spec.resources.actors, wanted):
             self.slots.append(self._start(len(self.slots)))
 
-    def _replace(self, position: int, before_ready: bool) -> None:
+    def _replace(self, position: int, failed_to_build: bool) -> None:
+        """A fresh actor in ``position``'s place. Actors whose constructor raised count against
+        ``MAX_RETRIES`` (the same constructor raises again); actors lost with their node do
+        not (one made while Ray still thought that node alive dies too, and its successor
+        waits for a free slot)."""
         old = self.slots[position]
-        failures = old.failures + before_ready
+        failures = old.failures + failed_to_build
         if failures >= MAX_RETRIES:
             raise DataError(
-                f"{failures} workers of slot {position} died before they were built (out of "
-                "memory? see the Ray logs)"
+                f"{failures} workers of slot {position} failed while they were built (see "
+                "the Ray logs: out of memory? a model that does not load on that node?)"
             )
         log.warning("actor %d died; its work goes to the others and a fresh actor", position)
         self.slots[position] = self._start(position, old.generation + 1)
@@ -183,9 +187,10 @@ class ShardPool(Pool):
                 position = building[ready[0]]
                 try:
                     self.slots[position].node = ray.get(ready[0])
-                except RayActorError:
-                    self._replace(position, before_ready=True)
+                except RayActorError as error:
+                    self._replace(position, failed_to_build=error.actor_init_failed)
                     continue
+                log.info("actor %d is ready on node %s", position, self.slots[position].node)
                 submit(position)
                 continue
             pack, position, generation = in_flight.pop(ready[0])
@@ -204,7 +209,7 @@ class ShardPool(Pool):
                     ) from None
                 queue.appendleft(pack)
                 if generation == self.slots[position].generation:  # first we hear of it
-                    self._replace(position, before_ready=False)
+                    self._replace(position, failed_to_build=False)
                 for other in range(len(self.slots)):
                     submit(other)
                 continue

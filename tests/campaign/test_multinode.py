@@ -1,0 +1,45 @@
+"""Multi-node Ray for real, on one machine (issue 15): a campaign's actors land on different nodes,
+and a worker node removed mid-campaign loses nothing: every planned trial is recorded exactly
+once and the rows equal an unbroken run's, with the node replaced (as an autoscaler would) and
+without (the campaign finishes on the nodes that remain). tests/campaign/multinode.py runs the
+cluster in a process of its own, apart from this session's Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_campaign_spreads_over_nodes_and_survives_losing_one(checkpoints, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.campaign.multinode",
+            checkpoints["linear"],
+            checkpoints["text_random"],
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {
+        run["run"]: run
+        for run in map(json.loads, (line for line in done.stdout.splitlines() if line[:1] == "{"))
+    }
+    assert list(runs) == ["unbroken", "replaced", "lost"], done.stdout[-2000:]
+    assert len(runs["unbroken"]["nodes"]) == 2  # two actors, one on each worker node
+    for run in runs.values():
+        assert run["exactly_once"] and run["equal_to_unbroken"], run
+    replaced = runs["replaced"]
+    assert replaced["nodes"].get(replaced["added"][0], 0) > 0  # the new node took work
+    lost = runs["lost"]  # finished on the one node left, its second actor never placed
+    assert set(lost["nodes"]) <= {lost["removed"][0], *replaced["nodes"], *replaced["added"]}
