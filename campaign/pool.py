@@ -40,7 +40,8 @@ class Pool(ABC):
     """Kept across the rounds of a sequential campaign so models and golden caches load once;
     ``store``: where the driver opened the output (its file system carries the endpoint to the
     actors); ``models``: handed over (campaign.api), else each worker loads the spec's.
-    ``trials_by_node``: where the trials ran (the manifest records it)."""
+    ``trials_by_node``: where the trials ran, ``run_seconds``: how long running them took
+    (the manifest records both)."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class Pool(ABC):
         self.profile, self.progress = profile, progress
         self.models = models
         self.trials_by_node: Counter[str] = Counter()
+        self.run_seconds = 0.0
 
     def __enter__(self) -> Pool:
         return self
@@ -217,7 +219,9 @@ class ShardPool(Pool):
             bar.update(result["rows"])
             submit(position)
         bar.close()
-        log.info("ran %d files of shards in %.1f s", len(pending), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.run_seconds += seconds
+        log.info("ran %d files of shards in %.1f s", len(pending), seconds)
 
 
 class LocalPool(Pool):
@@ -236,11 +240,13 @@ class LocalPool(Pool):
 
     def run(self, pending: list[Pack], done: int, total: int, label: str) -> None:
         bar = progress_bar(self.spec, done, total, label, self.progress)
+        started = time.perf_counter()
         for pack in pending:
             rows = self.worker.run(pack)["rows"]
             self.trials_by_node["local"] += rows
             bar.update(rows)
         bar.close()
+        self.run_seconds += time.perf_counter() - started
 
 
 def progress_bar(spec: CampaignSpec, done: int, total: int, label: str, show: bool) -> tqdm:

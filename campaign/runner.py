@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import logging
 import platform
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ def run_campaign(
     ``checked``: models and data handed over (campaign.api) instead of loaded from the spec;
     ``local``: run the shards in this process, without Ray."""
     # Everything a user can get wrong is refused before anything is written.
+    started = time.perf_counter()
     given = checked is not None
     checked = checked or validate(spec)
     fingerprint = spec.fingerprint(checked.model_ids)
@@ -194,6 +196,8 @@ def run_campaign(
             )
             targets = [dataclasses.asdict(status) for status in statuses]
         record.nodes.update(pool.trials_by_node)
+        record.seconds["running trials"] = pool.run_seconds
+    record.seconds["total"] = time.perf_counter() - started
     record.write("complete", targets)
     return store
 
@@ -212,6 +216,8 @@ class _Recorder:
     facts: dict[str, dict[str, Any]]  # the manifest's ``models``
 
     nodes: Counter[str] = dataclasses.field(default_factory=Counter)  # trials run per node
+    # this run's wall time, whole and in the pool (the rest: loading, golden passes, actors)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def size(self, shard: Shard | Pack) -> int:
         return shard.size(len(self.images[shard.model].indices))
@@ -299,6 +305,7 @@ class _Recorder:
                 "packs": [[s.id for s in p.shards] for p in self.packs(self.plan)],
             },
             "nodes": dict(self.nodes),
+            "seconds": self.seconds,
             "versions": {
                 "bitstorm": __version__,
                 "torch": torch.__version__,

@@ -26,6 +26,7 @@ def ray_local():
     """One local Ray instance for every test that needs one (starting Ray takes seconds)."""
     ray = pytest.importorskip("ray")
     ray.init(
+        address="local",  # a new instance, whatever cluster another test or run left behind
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 * 2**20,

@@ -6,15 +6,21 @@ cluster in a process of its own, apart from this session's Ray."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_campaign_spreads_over_nodes_and_survives_losing_one(checkpoints, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    # Its own Ray temp folder (short: Ray's socket paths must fit in 107 bytes), so the cluster's
+    # address file never points later ray.init() calls at it.
+    temp = tempfile.mkdtemp(prefix="bs-ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": temp}
     done = subprocess.run(
         [
             sys.executable,
@@ -30,6 +36,7 @@ def test_a_campaign_spreads_over_nodes_and_survives_losing_one(checkpoints, tmp_
         text=True,
         timeout=420,
     )
+    shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = {
         run["run"]: run
