@@ -120,3 +120,35 @@ def test_the_examples_name_only_public_api(heading):
     for code in blocks(heading, "python"):
         for name in re.findall(r"bitstorm\.(\w+)", code):
             assert name in bitstorm.__all__, f"README uses bitstorm.{name}, which is not public"
+
+
+def test_the_campaign_sql_runs_on_the_files_and_agrees_with_the_view(tmp_path, monkeypatch):
+    """The DuckDB CLI queries read the trial files directly, where masked faults' Top2Diff is
+    null (campaign.store): they must still give what the full ``trials`` view gives."""
+    import duckdb
+
+    first, more = blocks("Campaigns", "sql")[:2]
+    torch.manual_seed(0)
+    model = small_net().eval()
+    images, _ = _data(8)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    result = bitstorm.run_campaign(
+        model,
+        images,
+        labels,
+        bits=[0, 23, 30],
+        output=str(tmp_path),
+        name="digits_bitstorm",
+        trials_per_stratum=32,
+        progress=False,
+    )
+    monkeypatch.chdir(tmp_path)
+    by_kind = duckdb.sql(first).fetchall()
+    view = result.sql("select model, kind, count(*), avg(sdc::int) from trials group by all")
+    assert sorted(by_kind) == sorted(view.itertuples(index=False, name=None))
+    monkeypatch.chdir(tmp_path / "digits_bitstorm")
+    code = "\n".join(line for line in more.splitlines() if not line.startswith("--"))
+    *_, moved = (duckdb.sql(q).fetchall() for q in code.split(";") if q.strip())
+    faulty = result.sql("select avg(top2diff) from trials where not non_finite")
+    assert moved[0][2] == pytest.approx(float(faulty.iloc[0, 0]))
