@@ -61,7 +61,6 @@ def campaigns(ray_local, checkpoints, tmp_path_factory, s3_endpoint):
     return str(local), remote
 
 
-@pytest.mark.slow
 def test_a_campaign_on_s3_holds_the_rows_of_the_same_campaign_in_a_folder(campaigns):
     local, remote = campaigns
     on_s3 = rows(remote)
@@ -71,7 +70,6 @@ def test_a_campaign_on_s3_holds_the_rows_of_the_same_campaign_in_a_folder(campai
     assert "manifest.json" in names and not [n for n in names if n.startswith(".")]
 
 
-@pytest.mark.slow
 def test_a_resume_on_s3_redoes_only_the_deleted_shards(campaigns, checkpoints):
     local, remote = campaigns
     spec = tiny_spec(checkpoints, remote)
@@ -103,7 +101,6 @@ def reports(locations: dict[str, str], out: Path, capsys) -> dict[str, str]:
     return texts
 
 
-@pytest.mark.slow
 def test_the_report_from_s3_is_the_report_of_the_local_copy(campaigns, tmp_path, capsys):
     local, remote = campaigns
     texts = reports({"s3": f"{remote}/test", "local": f"{local}/test"}, tmp_path, capsys)

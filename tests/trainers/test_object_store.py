@@ -68,7 +68,6 @@ def _train(cwd: Path, output: str, *overrides: str) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.slow
 def test_ray_train_writes_and_resumes_a_run_on_s3(s3_bucket, tmp_path):
     from trainers.checkpoint import read_manifest
 
