@@ -24,6 +24,7 @@ import torch
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
 from bitstorm.ray_cluster import check_grantable, connect
+from bitstorm.storage import is_uri
 from bitstorm.version import __version__
 from campaign.analysis.results import results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
@@ -151,10 +152,16 @@ def run_campaign(
     fingerprint = spec.fingerprint(checked.model_ids)
     images = select_images(spec, checked.models, checked.data)
     resources = spec.resources
-    store = Store.open(spec.output, spec.name)  # an output that refuses writes: before Ray
+    # A bucket or endpoint that is not there is refused before Ray starts; a local folder is
+    # made only once the actors' shape is known to fit (a refused campaign writes nothing).
+    try:
+        Store.open(spec.output, spec.name, create=is_uri(spec.output))
+    except ConfigError as error:  # a URI no file system opens: say which field holds it
+        raise ConfigError(f"output {error}") from None
     if not local:
         private = connect(address)
         check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
+    store = Store.open(spec.output, spec.name)
     if fresh:
         store.filesystem.delete_dir_contents(store.root, missing_dir_ok=True)
     if removed := store.remove_temporaries():
