@@ -46,7 +46,9 @@ def test_a_campaign_spreads_over_nodes_and_survives_losing_one(checkpoints, tmp_
     assert len(runs["unbroken"]["nodes"]) == 2  # two actors, one on each worker node
     for run in runs.values():
         assert run["exactly_once"] and run["equal_to_unbroken"], run
-    replaced = runs["replaced"]
-    assert replaced["nodes"].get(replaced["added"][0], 0) > 0  # the new node took work
-    lost = runs["lost"]  # finished on the one node left, its second actor never placed
+    replaced, lost = runs["replaced"], runs["lost"]
+    # The node added mid-campaign joins the cluster for good: the next campaign uses it (whether
+    # it takes work in the campaign it joined depends on how fast this machine builds an actor).
+    assert lost["nodes"].get(replaced["added"][0], 0) > 0
+    # ... and that campaign finished on the node left after the second loss
     assert set(lost["nodes"]) <= {lost["removed"][0], *replaced["nodes"], *replaced["added"]}
