@@ -171,6 +171,6 @@ def test_unsafe_names_and_empty_lists_are_refused_before_any_work(fields, messag
 def test_an_output_uri_pyarrow_cannot_open_is_refused(tmp_path):
     from campaign.store import Store
 
-    with pytest.raises(ConfigError, match=r"output 'foo://x': pyarrow opens no file system"):
+    with pytest.raises(ConfigError, match=r"'foo://x': pyarrow opens no file system"):
         Store.open("foo://x", "c")
     assert Store.open(str(tmp_path / "a:b"), "c").root.endswith("a:b/c")  # a folder, not a URI
