@@ -58,26 +58,13 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         predicted = model(images).argmax(1)  # the labels a trained model would get right
     small = {"images": images, "labels": labels, "progress": False, "output": None}
+    small |= {"kinds": ["weight"], "bits": [30], "trials_per_stratum": 8, "image_selection": "any"}
     names = {
         "model": model,
         "images": images,
         "labels": predicted,
-        "baseline_result": bitstorm.run_campaign(
-            small_net(),
-            **small,
-            kinds=["weight"],
-            bits=[30],
-            trials_per_stratum=8,
-            image_selection="any",
-        ),
-        "text_result": bitstorm.run_campaign(
-            small_net(),
-            **small,
-            kinds=["weight"],
-            bits=[30],
-            trials_per_stratum=8,
-            image_selection="any",
-        ),
+        "baseline_result": bitstorm.run_campaign(small_net(), **small),
+        "text_result": bitstorm.run_campaign(small_net(), **small),
     }
     exec(compile(example, str(README), "exec"), names)
     result = names["result"]
