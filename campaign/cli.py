@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard earlier results of this campaign instead of resuming",
     )
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and plan the campaign, print its trials, shards and files, and exit: "
+        "no Ray, nothing written",
+    )
+    parser.add_argument(
         "--address",
         metavar="ADDRESS",
         help="join this Ray cluster ('auto': the one running on this machine, as under ray "
@@ -166,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         from campaign.analysis.summary import Options
         from campaign.runner import run_campaign
 
+        if args.dry_run and not args.spec:
+            raise ConfigError(
+                "--dry-run plans a --spec campaign; the default trains its models first, so "
+                "there is nothing to plan before it runs"
+            )
         if args.spec:
             specs = [load_campaign_spec(args.spec, args.overrides)]
         else:
@@ -173,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default runs offline
             specs = default_campaigns(Path(args.output).resolve())
+        if args.dry_run:
+            from campaign.runner import plan_campaign
+
+            print("\n\n".join(plan_campaign(spec).table() for spec in specs))
+            return 0
         roots = [run_campaign(spec, fresh=args.fresh, address=args.address).root for spec in specs]
         report = build_report(roots, Options(confidence=specs[0].confidence))
     except BitstormError as error:

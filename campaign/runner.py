@@ -132,6 +132,52 @@ def _check_final_layers(
             )
 
 
+@dataclass(frozen=True)
+class PlannedCampaign:
+    """What a campaign would run, found without running it (``--dry-run``): the trials of its
+    first round per model and kind, and the shards and files they fill."""
+
+    name: str
+    output: str
+    images: dict[str, int]  # per model
+    trials: dict[tuple[str, str], int]  # per (model, kind)
+    shards: int
+    files: int
+    sequential: bool  # later rounds add trials where intervals are still wide
+
+    def table(self) -> str:
+        rows = [f"campaign {self.name!r} -> {self.output} (dry run: nothing runs or is written)"]
+        rows += [f"{'model':<16}{'kind':<10}{'images':>8}{'trials':>14}"]
+        for (model, kind), trials in self.trials.items():
+            rows.append(f"{model:<16}{kind:<10}{self.images[model]:>8,}{trials:>14,}")
+        total = sum(self.trials.values())
+        rows.append(f"{'total':<34}{total:>14,}  in {self.shards:,} shards, {self.files:,} files")
+        if self.sequential:
+            rows.append("sequential sampling: this is the first round; later rounds add trials")
+        return "\n".join(rows)
+
+
+def plan_campaign(spec: CampaignSpec) -> PlannedCampaign:
+    """Validate ``spec``, select its images and plan it, as a run would, without Ray or a
+    single write: a user sees a campaign's size before spending a cluster on it."""
+    checked = validate(spec)
+    images = select_images(spec, checked.models, checked.data)
+    counts = {name: len(i.indices) for name, i in images.items()}
+    plan = make_plan(spec, checked.sites, counts)
+    trials: Counter[tuple[str, str]] = Counter()
+    for shard in plan:
+        trials[shard.model, shard.kind] += shard.size(counts[shard.model])
+    return PlannedCampaign(
+        name=spec.name,
+        output=spec.output,
+        images=counts,
+        trials=dict(sorted(trials.items())),
+        shards=len(plan),
+        files=len(make_packs(plan, counts, spec.shard_size)),
+        sequential=spec.sampling == "sequential",
+    )
+
+
 def run_campaign(
     spec: CampaignSpec,
     *,

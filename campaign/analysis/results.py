@@ -11,6 +11,7 @@ names, and a stray file, a renamed copy or a shard of another plan is never coun
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -119,8 +120,10 @@ class Results:
         return strata
 
 
-def open_results(location: str, campaign: str | None = None) -> Results:
-    """Open the campaign folder ``location`` (or ``location/campaign``) read-only."""
+def open_results(location: str | os.PathLike[str], campaign: str | None = None) -> Results:
+    """Open the campaign folder ``location`` (a path or a URI, or ``location/campaign``)
+    read-only."""
+    location = os.fspath(location)
     if campaign is None:
         location, _, campaign = location.rstrip("/").rpartition("/")
         location = location or "."

@@ -5,8 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from campaign.analysis.results import open_results
 from campaign.cli import main
+from campaign.runner import run_campaign
+from tests.campaign.runs import tiny_settings, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,6 +64,7 @@ def test_list_sites_prints_the_table(capsys):
         (["--list-sites", "resnt18"], "did you mean resnet18"),
         (["--list-sites", "resnet18", "--input", "3,x,32"], "positive sizes"),
         (["--list-sites", "resnet18", "--types", "Conv3d"], "Conv2d"),
+        (["--dry-run"], "--dry-run plans a --spec campaign"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_fix(argv, message, capsys):
@@ -67,3 +72,26 @@ def test_bad_arguments_exit_2_with_a_fix(argv, message, capsys):
         main(argv)
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_prints_the_trials_a_run_records_and_writes_nothing(
+    checkpoints, tmp_path, capsys
+):
+    output = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_settings(checkpoints, output)))
+    assert main(["--spec", str(spec_file), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "dry run" in printed
+    assert not output.exists()  # nothing written, no Ray started
+    per_kind = {
+        (line.split()[0], line.split()[1]): int(line.split()[3].replace(",", ""))
+        for line in printed.splitlines()[2:]
+        if line.split()[0] in ("base", "text")
+    }
+    run_campaign(tiny_spec(checkpoints, output), progress=False, local=True)
+    recorded = open_results(output / "test").df(
+        "select model, kind, count(*) as n from trials group by all"
+    )
+    assert per_kind == {(r.model, r.kind): r.n for r in recorded.itertuples()}
+    assert f"{sum(per_kind.values()):,}" in printed.splitlines()[-1]
