@@ -40,8 +40,9 @@ class Pool(ABC):
     """Kept across the rounds of a sequential campaign so models and golden caches load once;
     ``store``: where the driver opened the output (its file system carries the endpoint to the
     actors); ``models``: handed over (campaign.api), else each worker loads the spec's.
-    ``trials_by_node``: where the trials ran, ``run_seconds``: how long running them took
-    (the manifest records both)."""
+    ``trials_by_node``: where the trials ran, ``settled``: how many needed no forward (the
+    engine's masking), ``run_seconds``: how long running them took (the manifest records all
+    three)."""
 
     def __init__(
         self,
@@ -56,7 +57,14 @@ class Pool(ABC):
         self.profile, self.progress = profile, progress
         self.models = models
         self.trials_by_node: Counter[str] = Counter()
+        self.settled = 0
         self.run_seconds = 0.0
+
+    def _count(self, node: str, result: Mapping[str, int]) -> int:
+        """Record one pack's result from ``node``; its trials."""
+        self.trials_by_node[node] += result["rows"]
+        self.settled += result.get("settled", 0)  # a census pack runs no suffix to settle
+        return result["rows"]
 
     def __enter__(self) -> Pool:
         return self
@@ -215,8 +223,7 @@ class ShardPool(Pool):
                 for other in range(len(self.slots)):
                     submit(other)
                 continue
-            self.trials_by_node[str(self.slots[position].node)] += result["rows"]
-            bar.update(result["rows"])
+            bar.update(self._count(str(self.slots[position].node), result))
             submit(position)
         bar.close()
         seconds = time.perf_counter() - started
@@ -242,9 +249,7 @@ class LocalPool(Pool):
         bar = progress_bar(self.spec, done, total, label, self.progress)
         started = time.perf_counter()
         for pack in pending:
-            rows = self.worker.run(pack)["rows"]
-            self.trials_by_node["local"] += rows
-            bar.update(rows)
+            bar.update(self._count("local", self.worker.run(pack)))
         bar.close()
         self.run_seconds += time.perf_counter() - started
 

@@ -27,6 +27,7 @@ from bitstorm.ray_cluster import check_grantable, connect
 from bitstorm.storage import is_uri
 from bitstorm.version import __version__
 from campaign.analysis.results import results_of
+from campaign.faults.masking import TECHNIQUE
 from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import (
     CampaignImages,
@@ -249,7 +250,16 @@ def run_campaign(
             )
             targets = [dataclasses.asdict(status) for status in statuses]
         record.nodes.update(pool.trials_by_node)
+        record.settled[TECHNIQUE] += pool.settled
         record.seconds["running trials"] = pool.run_seconds
+        if ran := pool.trials_by_node.total():
+            log.info(
+                "%d of the %d trials run (%.1f%%) needed no forward: their fault the next "
+                "clamp removes (campaign.faults.masking)",
+                pool.settled,
+                ran,
+                100 * pool.settled / ran,
+            )
     record.seconds["total"] = time.perf_counter() - started
     record.write("complete", targets)
     return store
@@ -269,6 +279,8 @@ class _Recorder:
     facts: dict[str, dict[str, Any]]  # the manifest's ``models``
 
     nodes: Counter[str] = dataclasses.field(default_factory=Counter)  # trials run per node
+    # of them, settled with no forward, per technique (campaign.faults.masking)
+    settled: Counter[str] = dataclasses.field(default_factory=Counter)
     # this run's wall time, whole and in the pool (the rest: loading, golden passes, actors)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -358,6 +370,7 @@ class _Recorder:
                 "packs": [[s.id for s in p.shards] for p in self.packs(self.plan)],
             },
             "nodes": dict(self.nodes),
+            "settled_without_forward": dict(self.settled),
             "seconds": self.seconds,
             "versions": {
                 "bitstorm": __version__,

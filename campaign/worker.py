@@ -94,10 +94,13 @@ class ShardWorker:
         }
 
     def run(self, pack: Pack) -> dict[str, int]:
-        """Evaluate ``pack`` and write its Parquet file; returns counts for progress."""
+        """Evaluate ``pack`` and write its Parquet file; returns counts for progress, and how
+        many of its trials the engine settled without a forward (campaign.faults.masking)."""
         if pack.census:
             return self._census(pack.shards[0])
         images = self.images[pack.model]
+        engine = self.engines[pack.model]
+        settled = engine.settled.total()
         tables = [self._rows(shard, images) for shard in pack.shards]
         table = pa.concat_tables(tables)
         self.store.write_table(
@@ -106,7 +109,8 @@ class ShardWorker:
             pack.seal(len(images.indices)),
         )
         sdc = int(pc.sum(table["sdc"]).as_py() or 0)
-        return {"shard": pack.id, "rows": table.num_rows, "sdc": sdc}
+        settled = engine.settled.total() - settled
+        return {"shard": pack.id, "rows": table.num_rows, "sdc": sdc, "settled": settled}
 
     def _rows(self, shard: Shard, images: CampaignImages) -> pa.Table:
         group = shard.trials(len(images.indices))

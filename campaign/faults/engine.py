@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -52,6 +53,9 @@ class Engine:
     trials per forward. ``restriction``: goldeneye's range restriction of the faulty layer
     output, with bounds the caller profiled (campaign.faults.inject.RangeRestriction);
     ``non_finite_sdc``: the SDC rule for non-finite logits (campaign.faults.trials.is_sdc).
+    ``settle_masked``: neuron faults the clamp after their layer removes take the golden
+    outcome without a forward (campaign.faults.masking; exact, so off only to measure it);
+    ``settled`` counts them.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Engine:
         batch_size: int = DEFAULT_BATCH,
         restriction: RangeRestriction | None = None,
         non_finite_sdc: bool = True,
+        settle_masked: bool = True,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = copy.deepcopy(model).to(self.device).eval()
@@ -81,6 +86,7 @@ class Engine:
             batch_size,
             cache_bytes,
             non_finite_sdc,
+            settle_masked,
         )
         self.traced: TracedModel | None
         layers = [self.model.get_submodule(name) for name in self.sites]
@@ -100,6 +106,11 @@ class Engine:
     @property
     def restriction(self) -> RangeRestriction | None:
         return self._setting.injector.restriction
+
+    @property
+    def settled(self) -> Counter[str]:
+        """Trials settled without a forward so far, per technique (campaign.faults.masking)."""
+        return self._setting.settled
 
     # ----------------------------------------------------------------------------- public API
 

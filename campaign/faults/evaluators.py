@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -25,6 +25,7 @@ from bitstorm.errors import ConfigError
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
 from campaign.faults.inject import Injector, weight_delta_applies
+from campaign.faults.masking import TECHNIQUE, ClampRule, clamp_rule
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import Outcomes, TrialGroup, outcomes_of
 
@@ -44,6 +45,9 @@ class Setting:
     batch_size: int
     cache_bytes: int
     non_finite_sdc: bool = True  # the SDC rule (campaign.faults.trials.is_sdc)
+    settle_masked: bool = True  # neuron faults the next clamp removes need no suffix
+    settled: Counter[str] = field(default_factory=Counter)  # trials settled, per technique
+    clamps: dict[fx.Node, ClampRule | None] = field(default_factory=dict)  # per cut node
 
     def outcomes(
         self,
@@ -104,7 +108,14 @@ def run_suffixes(
             in_chunk = ((image >= start) & (image < start + chunk)).nonzero().flatten()
             if len(in_chunk):
                 at_cut[id(plan[3])].append((plan, in_chunk))
+        for key, members in list(at_cut.items()):
+            if members[0][0][3].node is not None and setting.settle_masked:
+                at_cut[key], settled = _settle_masked(setting, members, values, cache, start, peaks)
+                for position, trials, outcome in settled:
+                    parts[position].append((trials, outcome))
         for members in at_cut.values():
+            if not members:
+                continue
             cut = members[0][0][3]
             if cut.node is None:  # an edit: one forward per distinct fault in any case
                 for (position, chosen, sub, _), in_chunk in members:
@@ -128,6 +139,55 @@ def run_suffixes(
             (position, Outcomes.cat([p[1] for p in pieces]).select(torch.argsort(order)))
         )
     return results
+
+
+def _settle_masked(
+    setting: Setting,
+    members: list[tuple[tuple, torch.Tensor]],
+    values: dict[fx.Node, torch.Tensor],
+    cache: GoldenCache,
+    start: int,
+    peaks: dict[int, float | None],
+) -> tuple[list[tuple[tuple, torch.Tensor]], list[tuple[int, torch.Tensor, Outcomes]]]:
+    """Split one cut's (plan, positions) into those still to run and the neuron trials whose
+    fault the clamp after their layer removes (campaign.faults.masking): (position in the
+    group's plan, trial positions, outcome), the golden logits' outcome."""
+    cut = members[0][0][3]
+    if cut.node not in setting.clamps:
+        setting.clamps[cut.node] = clamp_rule(cut)
+    rule = setting.clamps[cut.node]
+    left, settled = [], []
+    for plan, positions in members:
+        position, chosen, sub, _ = plan
+        if rule is None or sub.kind != "neuron":
+            left.append((plan, positions))
+            continue
+        group = sub.subset(positions, image_offset=start)
+        output = values[cut.node]
+        flat = output.reshape(len(output), -1)
+        image = group.image.to(setting.device)
+        golden = flat[image, group.index.to(setting.device)]
+        before, after = setting.injector.neuron_values(group, golden, peaks[position])
+        if output.dim() == 4:  # BatchNorm2d's channels
+            channel = group.index // math.prod(output.shape[2:])
+        else:
+            channel = torch.zeros_like(group.index)
+        added = None
+        if rule.addend is not None:
+            residual = values[cut.externals[rule.addend]]
+            added = residual.reshape(len(residual), -1)[image, group.index.to(setting.device)]
+        done = rule.settles(channel.to(golden.device), golden, after.to(output.dtype), added)
+        count = int(done.sum())
+        if count:
+            rows = image[done] + start
+            outcome = setting.outcomes(
+                cache.logits[rows], cache.top1[rows], before[done], after[done]
+            )
+            settled.append((position, chosen[positions[done.cpu()]], outcome))
+            setting.settled[TECHNIQUE] += count
+        if count < len(done):
+            left.append((plan, positions[~done.cpu()]))
+    return left, settled
 
 
 def _packed(members: list[tuple[tuple, torch.Tensor]], size: int) -> Iterator[list]:
