@@ -11,6 +11,10 @@ one machine, on the same trials.
   forward there); pytorchfi's rate for it is its weight-mode rate above.
 - the goldeneye protocol: the same neuron and weight trials with range restriction (bounds
   profiled on other random images) and goldeneye's SDC rule, against the engine without them.
+- per technique that settles trials without a forward (campaign.faults.masking): the share of
+  the trials it settled and the time it saved (the same trials with it off, minus with it on).
+
+``--head text`` puts a text head (random class embeddings) on the backbone.
 
 The "bound" is what suffix-only evaluation can gain over a full-network method from arithmetic
 alone: 1 / (mean fraction of the network's FLOPs left after the faulty layer), weighted as the
@@ -81,6 +85,7 @@ def to_groups(trials: list[tuple[Trial, int]]) -> list[TrialGroup]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--head", default="linear", choices=["linear", "text"])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--images", type=int, default=256)
@@ -94,7 +99,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model = build_model(args.model, "linear", args.classes).to(device).eval()
+    embeddings = torch.randn(args.classes, 64) if args.head == "text" else None
+    model = build_model(args.model, args.head, args.classes, embeddings).to(device).eval()
     images = torch.randn(args.images, 3, args.image_size, args.image_size, device=device)
     engine = Engine(model, images[:1], device=device, batch_size=args.images)
     layers = [
@@ -138,7 +144,14 @@ def main() -> None:
     neuron_groups = to_groups(neuron_trials)
     cache = engine.golden(images)  # no layers named: each run makes its golden pass, as before
     engine.run_many(cache, to_groups(neuron_trials[:64]))  # warm-up: traces and caches
+    settled_before = engine.settled.copy()
     engine_neuron_s, neuron_out = timed(lambda: engine.run_many(cache, neuron_groups), device)
+    neuron_settled = engine.settled - settled_before
+    # The same trials with every settling technique off: what the techniques saved.
+    unmasked = Engine(model, images[:1], device=device, batch_size=args.images, settle_masked=False)
+    unmasked_cache = unmasked.golden(images)
+    unmasked.run_many(unmasked_cache, to_groups(neuron_trials[:64]))
+    unmasked_neuron_s, _ = timed(lambda: unmasked.run_many(unmasked_cache, neuron_groups), device)
 
     # Weight faults uniform over the weight space; each on every image.
     weights = [site.weight_elements for site in layers]
@@ -153,7 +166,11 @@ def main() -> None:
     weight_trials = [(fault, image) for fault in weight_faults for image in range(args.images)]
     weight_groups = to_groups(weight_trials)
     engine.run_many(cache, to_groups(weight_trials[:64]))
+    settled_before = engine.settled.copy()
     engine_weight_s, _ = timed(lambda: engine.run_many(cache, weight_groups), device)
+    weight_settled = engine.settled - settled_before
+    unmasked.run_many(unmasked_cache, to_groups(weight_trials[:64]))
+    unmasked_weight_s, _ = timed(lambda: unmasked.run_many(unmasked_cache, weight_groups), device)
 
     # The goldeneye protocol on the same trials: range restriction and its SDC rule.
     profiled = torch.randn_like(images)
@@ -267,6 +284,20 @@ def main() -> None:
     row(
         "engine weight, goldeneye protocol", len(weight_trials), goldeneye_weight_s, pfi_weight_rate
     )
+    techniques = [
+        {
+            "technique": name,
+            "kind": kind,
+            "settled": count,
+            "share": count / trials,
+            "seconds_saved": saved,
+        }
+        for kind, settled, trials, saved in (
+            ("neuron", neuron_settled, len(neuron_trials), unmasked_neuron_s - engine_neuron_s),
+            ("weight", weight_settled, len(weight_trials), unmasked_weight_s - engine_weight_s),
+        )
+        for name, count in (settled or {"none": 0}).items()
+    ]
     protocol_speed = {
         "neuron": engine_neuron_s / goldeneye_neuron_s,
         "weight": engine_weight_s / goldeneye_weight_s,
@@ -281,7 +312,8 @@ def main() -> None:
 
     print(
         f"bitstorm {__version__}, torch {torch.__version__}, {args.model} at "
-        f"{args.image_size}x{args.image_size}, {args.classes} classes, {args.images} images, "
+        f"{args.image_size}x{args.image_size}, {args.head} head, {args.classes} classes, "
+        f"{args.images} images, "
         f"device {device}, {torch.get_num_threads()} threads"
     )
     print(
@@ -297,6 +329,12 @@ def main() -> None:
             f"{r['vs_plain_forward']:>9.2f}{bound:>8}{share:>12}"
         )
     print(f"neuron top-1 agreement with pytorchfi on the benchmarked trials: {agree}/{total}")
+    print(f"{'settled without a forward':<30}{'kind':<8}{'trials':>10}{'share':>9}{'saved s':>10}")
+    for t in techniques:
+        print(
+            f"{t['technique']:<30}{t['kind']:<8}{t['settled']:>10,}{t['share']:>9.1%}"
+            f"{t['seconds_saved']:>10.2f}"
+        )
     print(
         "goldeneye protocol speed / bitstorm protocol speed, same trials: "
         + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in protocol_speed.items())
@@ -310,6 +348,7 @@ def main() -> None:
             "bitstorm": __version__,
             "torch": torch.__version__,
             "model": args.model,
+            "head": args.head,
             "image_size": args.image_size,
             "classes": args.classes,
             "images": args.images,
@@ -321,6 +360,7 @@ def main() -> None:
             "suffix_flop_fractions": fractions,
             "neuron_agreement": [agree, total],
             "goldeneye_vs_bitstorm_speed": protocol_speed,
+            "settled_without_forward": techniques,
         },
     )
     print(f"wrote {args.out}")

@@ -57,13 +57,13 @@ class Pool(ABC):
         self.profile, self.progress = profile, progress
         self.models = models
         self.trials_by_node: Counter[str] = Counter()
-        self.settled = 0
+        self.settled: Counter[str] = Counter()  # per technique (campaign.faults.masking)
         self.run_seconds = 0.0
 
-    def _count(self, node: str, result: Mapping[str, int]) -> int:
+    def _count(self, node: str, result: Mapping[str, Any]) -> int:
         """Record one pack's result from ``node``; its trials."""
         self.trials_by_node[node] += result["rows"]
-        self.settled += result.get("settled", 0)  # a census pack runs no suffix to settle
+        self.settled.update(result.get("settled", {}))  # a census pack runs no suffix
         return result["rows"]
 
     def __enter__(self) -> Pool:

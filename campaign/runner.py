@@ -27,7 +27,6 @@ from bitstorm.ray_cluster import check_grantable, connect
 from bitstorm.storage import is_uri
 from bitstorm.version import __version__
 from campaign.analysis.results import results_of
-from campaign.faults.masking import TECHNIQUE
 from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import (
     CampaignImages,
@@ -250,15 +249,16 @@ def run_campaign(
             )
             targets = [dataclasses.asdict(status) for status in statuses]
         record.nodes.update(pool.trials_by_node)
-        record.settled[TECHNIQUE] += pool.settled
+        record.settled.update(pool.settled)
         record.seconds["running trials"] = pool.run_seconds
-        if ran := pool.trials_by_node.total():
+        ran = pool.trials_by_node.total()
+        for technique, count in pool.settled.items():
             log.info(
-                "%d of the %d trials run (%.1f%%) needed no forward: their fault the next "
-                "clamp removes (campaign.faults.masking)",
-                pool.settled,
+                "%d of the %d trials run (%.1f%%) needed no forward: %s",
+                count,
                 ran,
-                100 * pool.settled / ran,
+                100 * count / ran,
+                technique,
             )
     record.seconds["total"] = time.perf_counter() - started
     record.write("complete", targets)

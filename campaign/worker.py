@@ -5,6 +5,7 @@ through the driver."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,14 +94,14 @@ class ShardWorker:
             for name, table in tables.items()
         }
 
-    def run(self, pack: Pack) -> dict[str, int]:
+    def run(self, pack: Pack) -> dict[str, Any]:
         """Evaluate ``pack`` and write its Parquet file; returns counts for progress, and how
         many of its trials the engine settled without a forward (campaign.faults.masking)."""
         if pack.census:
             return self._census(pack.shards[0])
         images = self.images[pack.model]
         engine = self.engines[pack.model]
-        settled = engine.settled.total()
+        settled = engine.settled.copy()
         tables = [self._rows(shard, images) for shard in pack.shards]
         table = pa.concat_tables(tables)
         self.store.write_table(
@@ -109,7 +110,7 @@ class ShardWorker:
             pack.seal(len(images.indices)),
         )
         sdc = int(pc.sum(table["sdc"]).as_py() or 0)
-        settled = engine.settled.total() - settled
+        settled = dict(engine.settled - settled)
         return {"shard": pack.id, "rows": table.num_rows, "sdc": sdc, "settled": settled}
 
     def _rows(self, shard: Shard, images: CampaignImages) -> pa.Table:

@@ -25,7 +25,7 @@ from bitstorm.errors import ConfigError
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
 from campaign.faults.inject import Injector, weight_delta_applies
-from campaign.faults.masking import TECHNIQUE, ClampRule, clamp_rule
+from campaign.faults.masking import NEURON_TECHNIQUE, WEIGHT_TECHNIQUE, ClampRule, clamp_rule
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import Outcomes, TrialGroup, outcomes_of
 
@@ -149,9 +149,9 @@ def _settle_masked(
     start: int,
     peaks: dict[int, float | None],
 ) -> tuple[list[tuple[tuple, torch.Tensor]], list[tuple[int, torch.Tensor, Outcomes]]]:
-    """Split one cut's (plan, positions) into those still to run and the neuron trials whose
-    fault the clamp after their layer removes (campaign.faults.masking): (position in the
-    group's plan, trial positions, outcome), the golden logits' outcome."""
+    """Split one cut's (plan, positions) into those still to run and the trials whose fault
+    changes nothing the logits see (campaign.faults.masking): (position in the group's plan,
+    trial positions, outcome), the golden logits' outcome."""
     cut = members[0][0][3]
     if cut.node not in setting.clamps:
         setting.clamps[cut.node] = clamp_rule(cut)
@@ -159,24 +159,18 @@ def _settle_masked(
     left, settled = [], []
     for plan, positions in members:
         position, chosen, sub, _ = plan
-        if rule is None or sub.kind != "neuron":
+        group = sub.subset(positions, image_offset=start)
+        image = group.image.to(setting.device)
+        if sub.kind == "weight":
+            technique = WEIGHT_TECHNIQUE
+            before, after = setting.injector.weight_values(group)
+            done = setting.injector.leaves_output(group, values[cut.node.args[0]][image])
+        elif rule is not None:
+            technique = NEURON_TECHNIQUE
+            before, after, done = _clamped(setting, rule, cut, group, values, peaks[position])
+        else:
             left.append((plan, positions))
             continue
-        group = sub.subset(positions, image_offset=start)
-        output = values[cut.node]
-        flat = output.reshape(len(output), -1)
-        image = group.image.to(setting.device)
-        golden = flat[image, group.index.to(setting.device)]
-        before, after = setting.injector.neuron_values(group, golden, peaks[position])
-        if output.dim() == 4:  # BatchNorm2d's channels
-            channel = group.index // math.prod(output.shape[2:])
-        else:
-            channel = torch.zeros_like(group.index)
-        added = None
-        if rule.addend is not None:
-            residual = values[cut.externals[rule.addend]]
-            added = residual.reshape(len(residual), -1)[image, group.index.to(setting.device)]
-        done = rule.settles(channel.to(golden.device), golden, after.to(output.dtype), added)
         count = int(done.sum())
         if count:
             rows = image[done] + start
@@ -184,10 +178,32 @@ def _settle_masked(
                 cache.logits[rows], cache.top1[rows], before[done], after[done]
             )
             settled.append((position, chosen[positions[done.cpu()]], outcome))
-            setting.settled[TECHNIQUE] += count
+            setting.settled[technique] += count
         if count < len(done):
             left.append((plan, positions[~done.cpu()]))
     return left, settled
+
+
+def _clamped(
+    setting: Setting,
+    rule: ClampRule,
+    cut: Cut,
+    group: TrialGroup,
+    values: dict[fx.Node, torch.Tensor],
+    peak: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(value before, value after, whether the clamp removes the fault) per neuron trial."""
+    output = values[cut.node]
+    image, index = group.image.to(setting.device), group.index.to(setting.device)
+    golden = output.reshape(len(output), -1)[image, index]
+    before, after = setting.injector.neuron_values(group, golden, peak)
+    # BatchNorm2d's channels (a rule without an affine map ignores them)
+    channel = index // math.prod(output.shape[2:]) if output.dim() == 4 else torch.zeros_like(index)
+    added = None
+    if rule.addend is not None:
+        residual = values[cut.externals[rule.addend]]
+        added = residual.reshape(len(residual), -1)[image, index]
+    return before, after, rule.settles(channel, golden, after.to(output.dtype), added)
 
 
 def _packed(members: list[tuple[tuple, torch.Tensor]], size: int) -> Iterator[list]:

@@ -87,6 +87,15 @@ class Injector:
             after = self.restriction.restrict(group.layer, after)
         return quantize(golden, group.fmt, scale), after
 
+    def leaves_output(self, group: TrialGroup, layer_input: torch.Tensor) -> torch.Tensor:
+        """Per weight fault: whether it leaves the layer's output exactly as it was, because
+        every input value the weight multiplies is zero (a window in the padding, a channel a
+        ReLU zeroed) and the flipped weight is finite (Inf x 0 is NaN)."""
+        original, _, after = self._weights(group)
+        module = self.model.get_submodule(group.layer)
+        _, x = weight_operand(module, layer_input, group.index.to(layer_input.device))
+        return (x == 0).flatten(1).all(dim=1) & torch.isfinite(after - original)
+
     def changed_outputs(self, layer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """How a weight fault's changed outputs (old, new) become the layer's output."""
         if self.restriction is None:
@@ -149,13 +158,26 @@ def add_weight_delta(
     """``output`` (one row per trial) += the change of one weight per trial, in place;
     ``combine(old, new)`` gives the values the changed outputs take (a range restriction)."""
     rows = torch.arange(len(index), device=output.device)
+    unit, x = weight_operand(module, layer_input, index)
+    if isinstance(module, nn.Linear):
+        view = output.view(len(index), -1, module.out_features)
+        old = view[rows, :, unit]
+        view[rows, :, unit] = combine(old, old + (delta[:, None] * x).to(output.dtype))
+        return
+    old = output[rows, unit]
+    output[rows, unit] = combine(old, old + (delta[:, None, None] * x).to(output.dtype))
+
+
+def weight_operand(
+    module: nn.Module, layer_input: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per trial, the output unit (Linear) or channel (Conv2d) that weight ``index`` feeds, and
+    the input values it multiplies there: ``[T, positions]`` for a Linear, ``[T, H_out,
+    W_out]`` for a Conv2d (zero where its window lies in the padding)."""
+    rows = torch.arange(len(index), device=layer_input.device)
     if isinstance(module, nn.Linear):
         out_unit, in_unit = index // module.in_features, index % module.in_features
-        x = layer_input.reshape(len(index), -1, module.in_features)[rows, :, in_unit]
-        view = output.view(len(index), -1, module.out_features)
-        old = view[rows, :, out_unit]
-        view[rows, :, out_unit] = combine(old, old + (delta[:, None] * x).to(output.dtype))
-        return
+        return out_unit, layer_input.reshape(len(index), -1, module.in_features)[rows, :, in_unit]
     assert isinstance(module, nn.Conv2d)
     out_c, in_per_group, kh, kw = module.weight.shape
     o = index // (in_per_group * kh * kw)
@@ -165,11 +187,10 @@ def add_weight_delta(
     channel = (o // (out_c // module.groups)) * in_per_group + i
     ph, pw = module.padding
     x = F.pad(layer_input[rows, channel], (pw, pw, ph, ph))  # [T, H + 2ph, W + 2pw]
-    h_out, w_out = output.shape[-2:]
+    h_out = (x.shape[-2] - module.dilation[0] * (kh - 1) - 1) // module.stride[0] + 1
+    w_out = (x.shape[-1] - module.dilation[1] * (kw - 1) - 1) // module.stride[1] + 1
     sh, sw = module.stride
     dh, dw = module.dilation
-    ys = (ky * dh)[:, None] + sh * torch.arange(h_out, device=output.device)[None, :]
-    xs = (kx * dw)[:, None] + sw * torch.arange(w_out, device=output.device)[None, :]
-    patch = x[rows[:, None, None], ys[:, :, None], xs[:, None, :]]
-    old = output[rows, o]
-    output[rows, o] = combine(old, old + (delta[:, None, None] * patch).to(output.dtype))
+    ys = (ky * dh)[:, None] + sh * torch.arange(h_out, device=x.device)[None, :]
+    xs = (kx * dw)[:, None] + sw * torch.arange(w_out, device=x.device)[None, :]
+    return o, x[rows[:, None, None], ys[:, :, None], xs[:, None, :]]

@@ -1,4 +1,9 @@
-"""Neuron faults the next elementwise operation removes, settled without running a suffix.
+"""Faults that change nothing the logits see, settled without running a suffix.
+
+A weight fault whose weight multiplies only zeros (a kernel tap in the padding of a small
+feature map, an input channel a ReLU zeroed for this image) leaves its layer's output as it
+was (campaign.faults.inject.Injector.leaves_output): the golden logits, exactly.
+
 
 A neuron fault changes one element of a layer's output. Where that output's only reader is a
 chain of per-channel affine maps (eval BatchNorm2d) ending in a clamp (ReLU, ReLU6, Hardtanh),
@@ -25,7 +30,9 @@ from torch import nn
 
 from campaign.faults.graph import Cut, computes_as
 
-TECHNIQUE = "masked by the next clamp"  # the name the engine counts settled trials under
+# The names the engine counts settled trials under.
+NEURON_TECHNIQUE = "neuron masked by the next clamp"
+WEIGHT_TECHNIQUE = "weight meets only zeros"  # campaign.faults.inject.Injector.leaves_output
 
 # Rounding allowance in units of the dtype's epsilon times the magnitudes the affine map sums:
 # far above what one multiply and one add (fused or not) can round by.

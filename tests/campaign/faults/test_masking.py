@@ -7,8 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
+from campaign.faults.bits import flip
 from campaign.faults.engine import Engine
-from campaign.faults.masking import TECHNIQUE, ClampRule, clamp_rule
+from campaign.faults.masking import NEURON_TECHNIQUE, WEIGHT_TECHNIQUE, ClampRule, clamp_rule
 from campaign.faults.trials import TrialGroup
 
 
@@ -58,7 +59,7 @@ def test_settled_trials_have_the_outcomes_their_suffix_gives(residual):
     on = Engine(model, images[:1], device="cpu")
     off = Engine(model, images[:1], device="cpu", settle_masked=False)
     settled, ran = (e.run(e.golden(images), group) for e in (on, off))
-    count = on.settled[TECHNIQUE]
+    count = on.settled[NEURON_TECHNIQUE]
     assert 0 < count < len(group) and not off.settled
     for field in ("faulty_top1", "sdc", "non_finite"):
         assert torch.equal(getattr(settled, field), getattr(ran, field)), field
@@ -110,3 +111,29 @@ def test_a_near_tie_at_the_clamp_and_nan_are_not_settled():
     above = ClampRule(0.0, 6.0)
     both_high = above.settles(channel[:2], torch.tensor([7.0, 7.0]), torch.tensor([9.0, 5.0]))
     assert both_high.tolist() == [True, False]
+
+
+def test_weight_faults_that_meet_only_padding_or_zeros_are_settled_exactly():
+    """A 3x3 conv on a 1x1 map: only the centre tap meets the image, the other eight only the
+    padding; and an input channel that is zero leaves its centre taps nothing to change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 5))
+    model.eval()
+    images = torch.randn(3, 3, 1, 1)
+    images[1, 2] = 0.0  # image 1's third channel: its centre taps multiply a zero
+    probe = Engine(model, images[:1], device="cpu")
+    weights = probe.sites["0"].weight_elements
+    index = torch.arange(weights).repeat_interleave(32 * 3)
+    bit = torch.arange(32).repeat_interleave(3).repeat(weights)
+    image = torch.arange(3).repeat(weights * 32)
+    group = TrialGroup("weight", "0", "fp32", index, bit, image)
+    on = Engine(model, images[:1], device="cpu")
+    off = Engine(model, images[:1], device="cpu", settle_masked=False)
+    settled, ran = (e.run(e.golden(images), group) for e in (on, off))
+    for field in ("faulty_top1", "sdc", "non_finite"):
+        assert torch.equal(getattr(settled, field), getattr(ran, field)), field
+    tap, in_channel = index % 9, (index // 9) % 3
+    zero_input = (tap != 4) | ((image == 1) & (in_channel == 2))
+    finite = torch.isfinite(flip(model[0].weight.detach().flatten()[index], bit, "fp32"))
+    assert on.settled[WEIGHT_TECHNIQUE] == int((zero_input & finite).sum()) > 0
+    assert not off.settled
