@@ -45,7 +45,7 @@ class Setting:
     batch_size: int
     cache_bytes: int
     non_finite_sdc: bool = True  # the SDC rule (campaign.faults.trials.is_sdc)
-    settle_masked: bool = True  # neuron faults the next clamp removes need no suffix
+    settle_masked: bool = True  # faults that change nothing downstream need no suffix
     settled: Counter[str] = field(default_factory=Counter)  # trials settled, per technique
     clamps: dict[fx.Node, ClampRule | None] = field(default_factory=dict)  # per cut node
 
@@ -164,7 +164,7 @@ def _settle_masked(
         if sub.kind == "weight":
             technique = WEIGHT_TECHNIQUE
             before, after = setting.injector.weight_values(group)
-            done = setting.injector.leaves_output(group, values[cut.node.args[0]][image])
+            done = setting.injector.leaves_output(group, values[cut.node.args[0]])
         elif rule is not None:
             technique = NEURON_TECHNIQUE
             before, after, done = _clamped(setting, rule, cut, group, values, peaks[position])

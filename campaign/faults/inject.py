@@ -90,10 +90,12 @@ class Injector:
     def leaves_output(self, group: TrialGroup, layer_input: torch.Tensor) -> torch.Tensor:
         """Per weight fault: whether it leaves the layer's output exactly as it was, because
         every input value the weight multiplies is zero (a window in the padding, a channel a
-        ReLU zeroed) and the flipped weight is finite (Inf x 0 is NaN)."""
+        ReLU zeroed) and the flipped weight is finite (Inf x 0 is NaN). ``layer_input``: the
+        layer's golden input for every image (only each trial's slice is read)."""
         original, _, after = self._weights(group)
         module = self.model.get_submodule(group.layer)
-        _, x = weight_operand(module, layer_input, group.index.to(layer_input.device))
+        device = layer_input.device
+        _, x = weight_operand(module, layer_input, group.index.to(device), group.image.to(device))
         return (x == 0).flatten(1).all(dim=1) & torch.isfinite(after - original)
 
     def changed_outputs(self, layer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -169,15 +171,20 @@ def add_weight_delta(
 
 
 def weight_operand(
-    module: nn.Module, layer_input: torch.Tensor, index: torch.Tensor
+    module: nn.Module,
+    layer_input: torch.Tensor,
+    index: torch.Tensor,
+    image: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per trial, the output unit (Linear) or channel (Conv2d) that weight ``index`` feeds, and
     the input values it multiplies there: ``[T, positions]`` for a Linear, ``[T, H_out,
-    W_out]`` for a Conv2d (zero where its window lies in the padding)."""
-    rows = torch.arange(len(index), device=layer_input.device)
+    W_out]`` for a Conv2d (zero where its window lies in the padding). ``layer_input`` holds
+    one row per trial, or with ``image`` one per image (only the slices needed are gathered)."""
+    rows = torch.arange(len(index), device=layer_input.device) if image is None else image
     if isinstance(module, nn.Linear):
         out_unit, in_unit = index // module.in_features, index % module.in_features
-        return out_unit, layer_input.reshape(len(index), -1, module.in_features)[rows, :, in_unit]
+        per_row = layer_input.reshape(len(layer_input), -1, module.in_features)
+        return out_unit, per_row[rows, :, in_unit]
     assert isinstance(module, nn.Conv2d)
     out_c, in_per_group, kh, kw = module.weight.shape
     o = index // (in_per_group * kh * kw)
@@ -193,4 +200,5 @@ def weight_operand(
     dh, dw = module.dilation
     ys = (ky * dh)[:, None] + sh * torch.arange(h_out, device=x.device)[None, :]
     xs = (kx * dw)[:, None] + sw * torch.arange(w_out, device=x.device)[None, :]
-    return o, x[rows[:, None, None], ys[:, :, None], xs[:, None, :]]
+    trials = torch.arange(len(index), device=x.device)
+    return o, x[trials[:, None, None], ys[:, :, None], xs[:, None, :]]

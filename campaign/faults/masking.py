@@ -4,12 +4,12 @@ A weight fault whose weight multiplies only zeros (a kernel tap in the padding o
 feature map, an input channel a ReLU zeroed for this image) leaves its layer's output as it
 was (campaign.faults.inject.Injector.leaves_output): the golden logits, exactly.
 
-
 A neuron fault changes one element of a layer's output. Where that output's only reader is a
-chain of per-channel affine maps (eval BatchNorm2d) ending in a clamp (ReLU, ReLU6, Hardtanh),
-and the golden element and the faulty one both end beyond the same side of the clamp (both
-negative into a ReLU, say), the clamp's output is the golden one, and so is everything after it:
-the trial's logits are the golden logits, known without a forward.
+chain of at most a per-channel affine map (eval BatchNorm2d), at most an add of a golden value
+(a residual branch from before the cut), and a clamp (ReLU, ReLU6, Hardtanh), and the golden
+element and the faulty one both end beyond the same side of the clamp (both negative into a
+ReLU, say), the clamp's output is the golden one, and so is everything after it: the trial's
+logits are the golden logits, known without a forward.
 
 Exact, not statistical: the affine map is evaluated in float64, and an element counts as clamped
 only when it lies beyond the bound by more than the rounding of the layer's dtype could move it
@@ -105,10 +105,11 @@ def clamp_rule(cut: Cut) -> ClampRule | None:
             return None
         others = [a for a in args if a is not node]
         if _is_add(user) and addend is None and len(others) == 1 and others[0] in placeholders:
-            external = cut.externals[placeholders.index(others[0]) - 1]
-            if external.meta["tensor_meta"].shape != cut.node.meta["tensor_meta"].shape:
+            addend = placeholders.index(others[0]) - 1  # placeholder 0 is the cut value
+            shape = cut.externals[addend].meta["tensor_meta"].shape
+            if shape != cut.node.meta["tensor_meta"].shape:
                 return None
-            addend, node = placeholders.index(others[0]) - 1, user
+            node = user
             continue
         if args[0] is not node or any(isinstance(a, fx.Node) for a in others):
             return None
