@@ -177,16 +177,22 @@ def test_a_folder_of_images_with_a_labels_csv_feeds_a_campaign(ray_local, tmp_pa
     assert "resize 18, crop 16" in results.manifest["models"]["own"]["preprocessing"]
 
 
+def _cache_torchvision_weights(torch_home, builder, weights) -> torch.nn.Module:
+    """Random weights for ``builder`` where torch's cache would hold ``weights``' file."""
+    cached = torch_home / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    model = builder(num_classes=1000)
+    torch.save(model.state_dict(), cached)
+    return model
+
+
 def test_torchvision_weights_by_name_come_from_the_torch_cache(monkeypatch, tmp_path):
     """A weights enum name reads the file torch's cache would hold (here one the test puts
     there, random weights) and brings that enum's preprocessing."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
-    cached.parent.mkdir(parents=True)
-    torch.manual_seed(1)
-    model = torchvision.models.resnet18(num_classes=1000)
-    torch.save(model.state_dict(), cached)
+    model = _cache_torchvision_weights(tmp_path, torchvision.models.resnet18, weights)
     loaded = load_model(ModelEntry("r", torchvision="resnet18", weights=str(weights)))
     assert loaded.facts["weights_sha256"] == state_sha256(model)
     assert loaded.facts["source"] == "torchvision resnet18, weights ResNet18_Weights.IMAGENET1K_V1"
@@ -214,3 +220,43 @@ def test_a_timm_pretrained_tag_comes_from_the_hugging_face_cache(monkeypatch, tm
     assert loaded.facts["weights_sha256"] == state_sha256(net)
     assert loaded.facts["source"] == "timm test_efficientnet.r160_in1k (pretrained)"
     assert loaded.preprocessing.input_size == 160
+
+
+def test_the_shipped_pretrained_example_plans_from_the_torch_cache(monkeypatch, tmp_path, capsys):
+    """``--spec examples/pretrained_imagenet`` as its header tells a user to run it: both
+    models from the torch cache (random weights the test puts there), a small ImageFolder tree
+    as ImageNet, one shared preprocessing, and a dry run that plans both models' trials."""
+    from PIL import Image
+
+    from campaign.cli import main
+
+    models = torchvision.models
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _cache_torchvision_weights(
+        tmp_path / "torch", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1
+    )
+    _cache_torchvision_weights(
+        tmp_path / "torch", models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1
+    )
+    imagenet = tmp_path / "imagenet"
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("n01440764", "n01443537"):
+            (imagenet / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = (torch.rand(40, 60, 3, generator=generator) * 255).byte().numpy()
+                Image.fromarray(pixels).save(imagenet / split / label / f"{i}.png")
+    output = tmp_path / "results"
+    argv = ["--spec", "examples/pretrained_imagenet", "--dry-run", f"data_root={imagenet}"]
+    argv += ["images=4", "image_selection=any", f"output={output}"]
+    assert main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    planned = {
+        (r[0], r[1]): int(r[3].replace(",", ""))
+        for r in rows
+        if r[0] in ("resnet18", "mobilenet_v2")
+    }
+    assert set(planned) == {
+        (m, k) for m in ("resnet18", "mobilenet_v2") for k in ("neuron", "weight")
+    }
+    assert all(n > 0 for n in planned.values()) and not output.exists()
