@@ -10,14 +10,14 @@ without a word.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 from bitstorm.errors import ConfigError
+from bitstorm.logs import get_logger
 from bitstorm.ray_reaper import watch_driver
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 # How long a cluster's autoscaler gets to add a node that fits before a shape is refused.
 AUTOSCALER_WAIT_S = 600.0
 

@@ -6,17 +6,17 @@ lands under one output folder, and a second run reuses what is there."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitstorm.errors import ConfigError
+from bitstorm.logs import get_logger
 from campaign.spec import CampaignSpec, ModelEntry, Resources
 
 if TYPE_CHECKING:
     from trainers.config import TrainConfig
 
-log = logging.getLogger("bitstorm")
+log = get_logger(__name__)
 
 
 def best_offline_encoder():

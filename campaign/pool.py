@@ -11,7 +11,6 @@ rows to the same path."""
 
 from __future__ import annotations
 
-import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitstorm.errors import BitstormError, DataError
+from bitstorm.logs import get_logger
 from campaign.images import CampaignImages
 from campaign.plan import Pack
 from campaign.profile import Profile
@@ -31,7 +31,7 @@ from campaign.spec import CampaignSpec
 from campaign.store import Store
 from campaign.worker import ShardWorker
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 MAX_RETRIES = 3  # deaths of one pack's actors, or failed constructors of one slot's actors
 IN_FLIGHT_PER_ACTOR = 2
 

@@ -11,11 +11,11 @@ campaign replays the same rounds.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from bitstorm.logs import get_logger
 from campaign.analysis.results import (
     StratumCounts,
     bit_pools,
@@ -28,7 +28,7 @@ from campaign.analysis.stats import Rate, neyman_allocation, neyman_total
 from campaign.plan import Shard, make_round
 from campaign.spec import CampaignSpec
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 StratumKey = tuple[str, str, str, str, int]  # model, kind, layer, format, bit
 # One round grows a model x kind by at most this factor: the deviations estimated from a small
 # pilot are rough, and a round that overshoots cannot be taken back.

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from bitstorm.logs import configure
 from campaign.census import CensusTally
 from campaign.faults.bits import flip, format_width, number_format
 from campaign.faults.engine import Engine
@@ -42,6 +43,7 @@ class ShardWorker:
         """``store``: the driver's (the file system it opened, endpoint included); ``models``:
         handed over (campaign.api), else loaded from the spec; ``threads``: torch's intra-op
         threads, set in an actor (never in a user's own process)."""
+        configure()  # Ray set this process's root logger to ERROR: keep bitstorm's warnings
         resources = spec.resources
         if threads is not None:
             torch.set_num_threads(max(1, threads))

@@ -8,7 +8,6 @@ seeded, so its files are reproducible, and every file made with it says so.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitstorm.errors import ConfigError
+from bitstorm.logs import get_logger
 
 DEFAULT_ENCODER = "ViT-B-32:openai"
 RANDOM_SEED = 0
@@ -98,7 +98,7 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
             "(open_clip.list_models() has them all)"
         )
     if random_init:
-        logging.getLogger(__name__).warning(
+        get_logger(__name__).warning(
             "RANDOMLY INITIALISED text encoder %s: embeddings carry no language knowledge "
             "(tests and offline demos only)",
             arch,

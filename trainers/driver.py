@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import re
 from pathlib import Path
 
 from bitstorm.config import to_dict
+from bitstorm.logs import get_logger
 from bitstorm.ray_cluster import connect
 from bitstorm.storage import absolute, is_uri, open_location, ray_storage
 from embeddings.build import build_embeddings
@@ -24,7 +24,7 @@ from trainers.config import TrainConfig
 from trainers.data import check_data, dataset_class_names
 from trainers.heads import head_kind
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def resolve_embeddings(cfg: TrainConfig) -> TrainConfig:

@@ -16,7 +16,6 @@ hooks for models fx cannot trace (``Engine.mode``) and layers with no node of th
 from __future__ import annotations
 
 import copy
-import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from bitstorm.errors import ConfigError
+from bitstorm.logs import get_logger
 from campaign.faults.analytic import (
     GoldenLogits,
     LastLayerRules,
@@ -39,7 +39,7 @@ from campaign.faults.inject import Injector, RangeRestriction, weight_delta_appl
 from campaign.faults.sites import activation_peaks, find_sites
 from campaign.faults.trials import KINDS, Outcomes, TrialGroup
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 DEFAULT_BATCH = 256

@@ -181,7 +181,7 @@ def test_zoo(source, name, caplog):
     start = time.perf_counter()
     model, images = smallest(source, name)
     built = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="campaign.faults.engine"):
+    with caplog.at_level(logging.WARNING, logger="bitstorm.campaign.faults.engine"):
         engine = Engine(model, images[:1], device="cpu")
     fallback = [r.getMessage() for r in caplog.records if "falling back to hooks" in r.getMessage()]
     space = find_sites(model, images)
