@@ -12,7 +12,6 @@ campaign."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,13 +19,14 @@ import pyarrow as pa
 import torch
 
 from bitstorm.errors import ConfigError, DataError
+from bitstorm.logs import get_logger
 from bitstorm.metrics import top2diff
 from campaign.sources import LoadedModel, load_model
 from campaign.spec import CampaignSpec
 from campaign.store import GOLDEN_SCHEMA
 from trainers.data import ON_DISK, DataBundle, DataConfig
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,7 @@ def _qualifies(
 ) -> torch.Tensor:
     if selection == "any":
         return torch.ones(len(labels), dtype=torch.bool)
-    with torch.no_grad():
-        logits = model(images).float()
+    logits = golden_logits(model, images)
     correct = logits.argmax(dim=1) == labels
     return correct & (top2diff(logits) > 0) if selection == "own_correct" else correct
 
@@ -155,14 +154,21 @@ def validation_top2diff(model: torch.nn.Module, data: DataBundle, batch: int = 2
     """Mean golden Top2Diff (percent) over the whole validation split: the paper's Top2Diff
     (goldeneye averages it over every validation image, correct or not)."""
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(data.val), batch):
-            images = torch.stack(
-                [data.val[i][0] for i in range(start, min(start + batch, len(data.val)))]
-            )
-            total += float(top2diff(model(images).float()).sum())
-            count += len(images)
+    for start in range(0, len(data.val), batch):
+        images = torch.stack(
+            [data.val[i][0] for i in range(start, min(start + batch, len(data.val)))]
+        )
+        total += float(top2diff(golden_logits(model, images)).sum())
+        count += len(images)
     return total / count
+
+
+def golden_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model``'s fault-free logits of ``images`` (on the CPU), computed on the model's own
+    device: a pass on an actor's GPU reads images the driver's CPU holds."""
+    device = next(iter(model.parameters()), images).device
+    with torch.no_grad():
+        return model(images.to(device)).float().cpu()
 
 
 def golden_table(logits: torch.Tensor, images: CampaignImages) -> pa.Table:

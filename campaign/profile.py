@@ -1,6 +1,6 @@
 """Range-restriction bounds: each model's max |output| per injected layer over the training split,
-as goldeneye profiles them (../shared/PROTOCOL.md), computed once by the driver, cached in the
-campaign folder and recorded in the manifest.
+as goldeneye profiles them (../shared/PROTOCOL.md), computed once per campaign (campaign.passes),
+cached in the campaign folder and recorded in the manifest.
 
 Why the training split: bounds taken from the campaign's own validation images would let the
 images under test shape the protection that is applied to them.
@@ -9,13 +9,12 @@ images under test shape the protection that is applied to them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from campaign.faults.sites import activation_peaks
 from campaign.spec import CampaignSpec
-from campaign.store import Store
 from trainers.data import DataBundle
 
 
@@ -34,16 +33,10 @@ def training_profile(
     models: dict[str, torch.nn.Module],
     layers: dict[str, list[str]],
     data: DataBundle,
-    store: Store,
     batch: int = 256,
 ) -> Profile:
-    """The campaign's profile: read from its folder when a run already made it (the folder's
-    fingerprint covers every input of the profile), else profiled on ``spec.profile_images``
-    training images (all of them when None) and written there."""
-    path = store.profile_path
-    cached = store.read_json(path)
-    if cached is not None:
-        return Profile(**cached)
+    """The campaign's profile, taken on ``spec.profile_images`` training images (all of them
+    when None) on the models' own device."""
     train = data.train
     count = len(train) if spec.profile_images is None else min(spec.profile_images, len(train))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.image_seed))
@@ -56,9 +49,7 @@ def training_profile(
             peaks = activation_peaks(model, images, layers[name])
             for layer, peak in peaks.items():
                 bounds[name][layer] = max(bounds[name][layer], peak)
-    profile = Profile("train", count, spec.image_seed, bounds)
-    store.write_json(path, asdict(profile))
-    return profile
+    return Profile("train", count, spec.image_seed, bounds)
 
 
 def _batches(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import logging
 import platform
 import time
 from collections import Counter
@@ -23,28 +22,24 @@ import torch
 
 from bitstorm.config import to_dict
 from bitstorm.errors import ConfigError, DataError
+from bitstorm.logs import get_logger
 from bitstorm.ray_cluster import check_grantable, connect
 from bitstorm.storage import is_uri
 from bitstorm.version import __version__
 from campaign.analysis.results import results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
-from campaign.images import (
-    CampaignImages,
-    campaign_data,
-    load_models,
-    select_images,
-    validation_top2diff,
-)
+from campaign.images import CampaignImages, campaign_data, load_models, select_images
+from campaign.passes import data_passes, remote_data_passes
 from campaign.plan import Pack, Shard, make_packs, make_plan, site_count
 from campaign.pool import LocalPool, Pool, ShardPool
-from campaign.profile import Profile, training_profile
+from campaign.profile import Profile
 from campaign.sequential import run_rounds
-from campaign.spec import CampaignSpec
+from campaign.spec import CampaignSpec, changed_fields
 from campaign.store import GOLDEN_SCHEMA, LAYOUT, Store
 from trainers.checkpoint import fetched_checkpoint, read_manifest, verify_embeddings
 from trainers.data import DataBundle
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,17 +191,26 @@ def run_campaign(
     given = checked is not None
     checked = checked or validate(spec)
     fingerprint = spec.fingerprint(checked.model_ids)
-    images = select_images(spec, checked.models, checked.data)
     resources = spec.resources
     # A bucket or endpoint that is not there is refused before Ray starts; a local folder is
-    # made only once the actors' shape is known to fit (a refused campaign writes nothing).
+    # made only once the actors' shape is known to fit and the images qualify (a refused
+    # campaign writes nothing).
     try:
-        Store.open(spec.output, spec.name, create=is_uri(spec.output))
+        probe = Store.open(spec.output, spec.name, create=is_uri(spec.output))
     except ConfigError as error:  # a URI no file system opens: say which field holds it
         raise ConfigError(f"output {error}") from None
     if not local:
         private = connect(address)
         check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
+    cached = None if fresh else probe.read_json(probe.profile_path)
+    cached_profile = None if cached is None else Profile(**cached)
+    layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
+    handed = checked.models if given else None  # actors load a spec's models themselves
+    if local:
+        passes = data_passes(spec, checked.models, layers, checked.data, cached_profile)
+    else:
+        passes = remote_data_passes(spec, handed, layers, checked.data, cached_profile)
+    images, profile = passes.images, passes.profile
     store = Store.open(spec.output, spec.name)
     if fresh:
         store.filesystem.delete_dir_contents(store.root, missing_dir_ok=True)
@@ -219,21 +223,21 @@ def run_campaign(
             "to rerun the campaign into this one, or choose another name or output"
         )
     if previous and previous.get("fingerprint") != fingerprint:
+        changed = changed_fields(previous.get("measured", {}), spec.measured(checked.model_ids))
         raise ConfigError(
-            f"{store.root} holds results of a different campaign spec; pass "
+            f"{store.root} holds results of a different campaign spec ({changed}); pass "
             "--fresh to replace them, or choose another name or output"
         )
-    profile = None
-    if spec.range_restriction:
-        layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
-        profile = training_profile(spec, checked.models, layers, checked.data, store)
+    if profile is not None and cached_profile is None:
+        store.write_json(store.profile_path, dataclasses.asdict(profile))
     counts = {name: len(i.indices) for name, i in images.items()}
     plan = make_plan(spec, checked.sites, counts)
-    facts = recorded_facts(spec, checked)
+    facts = {name: dict(f) for name, f in checked.facts.items()}
+    for name, value in passes.val_top2diff.items():
+        facts[name]["val_top2diff"] = value
     record = _Recorder(store, spec, checked, fingerprint, images, plan, profile, facts)
     targets = None
     pool_type = LocalPool if local else ShardPool
-    handed = checked.models if given else None  # actors load a spec's models themselves
     with pool_type(spec, store, images, profile, progress, handed) as pool:
         pool.start(len(make_packs(plan, counts, spec.shard_size)))
         pool.use_golden({name: record.golden(name, pool) for name in checked.models})
@@ -356,6 +360,7 @@ class _Recorder:
             # sequential sampling: where each model x kind estimate ended, margin met or not
             "targets": targets,
             "fingerprint": self.fingerprint,
+            "measured": self.spec.measured(self.checked.model_ids),  # what the fingerprint covers
             "spec": to_dict(self.spec),
             "images": {name: images.indices for name, images in self.images.items()},
             "models": self.facts,
@@ -381,13 +386,3 @@ class _Recorder:
                 "python": platform.python_version(),
             },
         }
-
-
-def recorded_facts(spec: CampaignSpec, checked: CheckedCampaign) -> dict[str, dict[str, Any]]:
-    """Each model's facts for the manifest, with its mean golden Top2Diff over the whole
-    validation split where the protocol's Top2Diff is taken there (one pass, before the work)."""
-    facts = {name: dict(f) for name, f in checked.facts.items()}
-    if spec.top2diff_images == "validation":
-        for name, model in checked.models.items():
-            facts[name]["val_top2diff"] = validation_top2diff(model, checked.data)
-    return facts

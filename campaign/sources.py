@@ -27,6 +27,9 @@ from campaign.spec import SOURCES
 from trainers.checkpoint import file_sha256
 from trainers.data import DataConfig, Preprocessing
 
+# The seed of every model's own initialisation (load_model): the same model in every process.
+INIT_SEED = 0
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -45,19 +48,13 @@ def load_model(entry: Any) -> LoadedModel:
     field_name = next(s for s in SOURCES if getattr(entry, s))
     where = f"models[{entry.name}].{field_name}"
     try:
-        if entry.checkpoint:
-            loaded = _from_checkpoint(entry)
-        elif entry.torchvision:
-            loaded = _from_torchvision(entry)
-        elif entry.timm:
-            loaded = _from_timm(entry)
-        elif entry.in_memory:
-            raise DataError(
-                "an in-memory model reaches a campaign only through bitstorm.run_campaign, "
-                "which hands it over; a spec file names a checkpoint, torchvision, timm or factory"
-            )
-        else:
-            loaded = _from_factory(entry)
+        with torch.random.fork_rng(devices=[]):
+            # A model whose weights are its own initialisation (a factory's, or a torchvision
+            # or timm model without weights) must be the same model in the driver and in every
+            # actor, each of which builds it anew: seed the initialisation, never the caller's
+            # random state.
+            torch.manual_seed(INIT_SEED)
+            loaded = _load(entry)
     except DataError as error:
         raise ConfigError(f"{where}: {error}") from None
     preprocessing = loaded.preprocessing
@@ -70,6 +67,21 @@ def load_model(entry: Any) -> LoadedModel:
     if preprocessing is not None:
         facts["preprocessing"] = preprocessing.describe()
     return LoadedModel(loaded.model.eval(), facts, loaded.data, preprocessing)
+
+
+def _load(entry: Any) -> LoadedModel:
+    if entry.checkpoint:
+        return _from_checkpoint(entry)
+    if entry.torchvision:
+        return _from_torchvision(entry)
+    if entry.timm:
+        return _from_timm(entry)
+    if entry.in_memory:
+        raise DataError(
+            "an in-memory model reaches a campaign only through bitstorm.run_campaign, "
+            "which hands it over; a spec file names a checkpoint, torchvision, timm or factory"
+        )
+    return _from_factory(entry)
 
 
 def _from_checkpoint(entry: Any) -> LoadedModel:

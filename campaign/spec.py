@@ -241,19 +241,34 @@ class CampaignSpec:
     def bits_of(self, fmt: str) -> list[int]:
         return list(self.bits) if self.bits is not None else list(range(format_width(fmt)))
 
-    def fingerprint(self, model_ids: Mapping[str, str]) -> str:
-        """Identity of what the results depend on: every field that is not a ``PLACE``, with
-        each model by name and ``model_ids[name]`` (its weights' sha256, so a moved checkpoint
-        is the same model) instead of its paths. A rerun with another fingerprint into the
-        same folder would mix campaigns, so it is refused."""
+    def measured(self, model_ids: Mapping[str, str]) -> dict[str, Any]:
+        """What the results depend on, as JSON values: every field that is not a ``PLACE``,
+        with each model by name and ``model_ids[name]`` (its weights' sha256, so a moved
+        checkpoint is the same model) instead of its paths."""
         measured = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if not f.metadata.get("place") and f.name != "models"
         }
         measured["models"] = [(m.name, model_ids[m.name]) for m in self.models]
-        text = json.dumps(measured, sort_keys=True)
+        return json.loads(json.dumps(measured, sort_keys=True))
+
+    def fingerprint(self, model_ids: Mapping[str, str]) -> str:
+        """Identity of :meth:`measured`. A rerun with another fingerprint into the same folder
+        would mix campaigns, so it is refused."""
+        text = json.dumps(self.measured(model_ids), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_fields(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``field: before -> now`` for each measured field that differs (campaign.runner's
+    refusal to resume a different campaign names them)."""
+    changed = [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+    return "; ".join(changed)
 
 
 # Names become folder names (the campaign's, and a model's hive partition): nothing that could

@@ -96,6 +96,18 @@ def test_one_campaign_runs_every_source_and_the_report_names_them(
     assert all(m.facts.source == sources[m.name] for m in report.models), text
 
 
+def test_a_model_with_its_own_weights_is_the_same_in_every_process():
+    """Each actor builds a factory's model anew: its initialisation is seeded, so every copy
+    has the weights the driver fingerprinted, and the caller's random state is left alone."""
+    entry = ModelEntry("own", factory="tests.campaign.factories:small_net")
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    first, second = load_model(entry), load_model(entry)
+    assert torch.rand(1) == expected_next
+    assert first.facts["weights_sha256"] == second.facts["weights_sha256"]
+
+
 def test_a_model_that_is_not_a_checkpoint_needs_a_data_set(weight_files, tmp_path):
     spec = CampaignSpec.parse(
         {"name": "x", "models": _models(weight_files)[2:], "output": str(tmp_path)}
