@@ -91,7 +91,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``data`` with each ``key=value`` applied (value parsed as YAML); a dotted key
-    (``resources.actors=4``) sets a field of a nested mapping."""
+    (``resources.actors=4``) sets a field of a nested mapping, made where there was none."""
     merged = dict(data)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -103,12 +103,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
         *parents, last = key.strip().split(".")
         target = merged
-        for depth, parent in enumerate(parents):
-            inner = target.get(parent, {})
-            if not isinstance(inner, Mapping):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where} is not a mapping")
-            nested = dict(inner)
+        for parent in parents:
+            inner = target.get(parent)
+            # a plain value becomes a mapping (sampling.margin=0.01 on sampling: per_stratum
+            # gives sampling: {margin: 0.01}); the field's own type check then rules on it
+            nested = dict(inner) if isinstance(inner, Mapping) else {}
             target[parent] = nested
             target = nested
         target[last] = parsed

@@ -1,7 +1,7 @@
 """Campaign reports: SDC rates with intervals per model, layer and bit, the baseline-vs-text
 comparison (the paper's "improvement in reliability") and plots, as Markdown, HTML and JSON.
 
-    python -m campaign.report CAMPAIGN_DIR [--compare OTHER_CAMPAIGN_DIR] [--out DIR]
+    bitstorm report CAMPAIGN_DIR [--compare OTHER_CAMPAIGN_DIR] [--out DIR]
         [--confidence 0.95] [--interval wilson|cp] [--bootstrap N]
 
 The command line only: the numbers are built in campaign.analysis.build and written out by
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from bitstorm.errors import BitstormError
+from bitstorm.command import command_parser, run_command
 from campaign.analysis.build import build_report
 from campaign.analysis.document import to_markdown
 from campaign.analysis.output import write_report
@@ -31,11 +31,16 @@ def default_out(campaign: CampaignReport) -> Path:
     return Path(f"{campaign.name}-report")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaign.report",
-        description="SDC rates, baseline-vs-text improvement and plots of a campaign, as "
-        "report.md, report.html and report.json.",
+def build_parser(prog: str = "python -m campaign.report") -> argparse.ArgumentParser:
+    parser = command_parser(
+        prog,
+        "SDC rates, baseline-vs-text improvement and plots of a campaign, as report.md, "
+        "report.html and report.json.",
+        examples=(
+            "bitstorm report bitstorm-default/campaigns/digits_goldeneye",
+            "bitstorm report results/imagenet_text --compare results/imagenet_linear --out rep/",
+            "bitstorm report s3://bucket/bitstorm/imagenet_text --interval cp --bootstrap 4000",
+        ),
     )
     parser.add_argument("campaign", metavar="CAMPAIGN_DIR", help="a campaign folder or URI")
     parser.add_argument(
@@ -69,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m campaign.report") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run_command(args, lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
     locations = [args.campaign] + ([args.compare] if args.compare else [])
-    try:
-        options = Options(args.confidence, args.interval, args.bootstrap)
-        report = build_report(locations, options)
-        written = write_report(report, args.out or default_out(report.campaigns[0]))
-    except BitstormError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    options = Options(args.confidence, args.interval, args.bootstrap)
+    report = build_report(locations, options)
+    written = write_report(report, args.out or default_out(report.campaigns[0]))
     for path in written:
         print(f"wrote {path}")
     print()

@@ -1,18 +1,17 @@
-"""``python -m embeddings build | show | import``: make, inspect and import class-embedding
-files."""
+"""``bitstorm embeddings build | show | import`` (or ``python -m embeddings``): make, inspect
+and import class-embedding files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from bitstorm.atomic import write_json_atomic
-from bitstorm.errors import BitstormError
+from bitstorm.command import command_parser, run_command
 from embeddings.build import build_embeddings
 from embeddings.classes import CLASS_SETS, class_names
 from embeddings.descriptions import Descriptions, clean_descriptions, load_descriptions
@@ -21,8 +20,18 @@ from embeddings.llm import CUPL_QUESTIONS, LLMConfig, load_questions
 from embeddings.store import ClassEmbeddings, import_release, load_embeddings, save_embeddings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m embeddings", description=__doc__)
+def build_parser(prog: str = "python -m embeddings") -> argparse.ArgumentParser:
+    parser = command_parser(
+        prog,
+        "Make, inspect and import class-embedding files: class descriptions -> a text encoder "
+        "-> one unit-norm embedding per class.",
+        examples=(
+            "bitstorm embeddings build --classes cifar10 --encoder ViT-B-32:openai "
+            "--out c10.safetensors",
+            "bitstorm embeddings show c10.safetensors",
+            "bitstorm embeddings import gpt3.pth --classes imagenet --out in1k.safetensors",
+        ),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="build a class-embedding file")
@@ -95,34 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            result = _build(args)
-            save_embeddings(result, args.out)
-            print(
-                f"wrote {args.out}: {result.num_classes} classes x {result.dim} dims, "
-                f"encoder {result.encoder}, descriptions {result.description_source}"
-            )
-        elif args.command == "import":
-            result = import_release(args.file, class_names(args.classes))
-            save_embeddings(result, args.out)
-            print(
-                f"wrote {args.out}: {result.num_classes} classes x {result.dim} dims, "
-                f"imported from {args.file}"
-            )
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = load_embeddings(args.file)
-            print(describe(result, args.file))
-            for warning in caught:
-                print(f"WARNING: {warning.message}")
-    except BitstormError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "python -m embeddings") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run_command(args, lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        result = _build(args)
+        save_embeddings(result, args.out)
+        print(
+            f"wrote {args.out}: {result.num_classes} classes x {result.dim} dims, "
+            f"encoder {result.encoder}, descriptions {result.description_source}"
+        )
+    elif args.command == "import":
+        result = import_release(args.file, class_names(args.classes))
+        save_embeddings(result, args.out)
+        print(
+            f"wrote {args.out}: {result.num_classes} classes x {result.dim} dims, "
+            f"imported from {args.file}"
+        )
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = load_embeddings(args.file)
+        print(describe(result, args.file))
+        for warning in caught:
+            print(f"WARNING: {warning.message}")
     return 0
 
 

@@ -1,25 +1,34 @@
-"""``python -m trainers.train --config RECIPE [key=value ...]``: train one model with Ray Train.
-
-RECIPE is a YAML file or the name of a shipped one (``digits_linear``, ``digits_text``,
-``cifar10_text``, ``imagenet_paper``). Rerunning the same command resumes from the latest
-checkpoint.
-"""
+"""``bitstorm train`` (``python -m trainers.train``) ``--config RECIPE [key=value ...]``: train
+one model with Ray Train; rerunning the same command resumes from the latest checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from bitstorm.command import FAILED, command_parser, run_command
 from bitstorm.errors import BitstormError
 from bitstorm.storage import uri_of
 from trainers.checkpoint import read_manifest
 from trainers.config import load_train_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__)
-    parser.add_argument("--config", required=True, help="recipe file or shipped recipe name")
+def main(argv: list[str] | None = None, prog: str = "python -m trainers.train") -> int:
+    from trainers.config import TrainConfig
+
+    parser = command_parser(
+        prog,
+        "Train one model (a backbone with a linear or text head) with Ray Train. RECIPE is a "
+        "YAML file or a shipped recipe's name (digits_linear, digits_text, cifar10_text, "
+        "imagenet_paper). Rerunning the same command resumes from the latest checkpoint.",
+        fields=TrainConfig,
+        examples=(
+            "bitstorm train --config digits_text epochs=3",
+            "bitstorm train --config imagenet_paper backbone=resnet50 head=text "
+            "num_workers=8 use_gpu=true",
+        ),
+    )
+    parser.add_argument("--config", required=True, metavar="RECIPE", help="recipe file or name")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -27,24 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         help="override recipe fields, e.g. epochs=3 num_workers=2",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_command(args, lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError  # here: --help need not import Ray
 
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-        from trainers.driver import fit
+    cfg = load_train_config(args.config, args.overrides)
+    from trainers.driver import fit
 
+    try:
         result = fit(cfg)
-    except BitstormError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except TrainingFailedError as error:
         causes = list(getattr(error, "worker_failures", {}).values())
         if causes and all(isinstance(c, BitstormError) for c in causes):
-            print(f"error: {causes[0]}", file=sys.stderr)  # bad input found only by a worker
-            return 2
+            raise causes[0] from None  # bad input found only by a worker
         print(f"training failed: {causes[0] if causes else error}", file=sys.stderr)
-        return 1
+        return FAILED
     if result.checkpoint is None:
         print("no checkpoint was written (num_workers=0 keeps none)")
         return 0

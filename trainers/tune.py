@@ -1,6 +1,6 @@
-"""``python -m trainers.tune --config SWEEP`` (a file, or ``digits`` for the shipped sweep): a
-Ray Tune sweep over head initialisations x learning rates, with ASHA early stopping; a results
-table (one row per trial) and the best checkpoint per head variant.
+"""``bitstorm tune --config SWEEP`` (or ``python -m trainers.tune``; SWEEP a file, or ``digits``
+for the shipped sweep): a Ray Tune sweep over head initialisations x learning rates, with ASHA
+early stopping; a results table (one row per trial) and the best checkpoint per head variant.
 
 A sweep file names a base recipe, overrides for it, the variants (each a set of overrides, e.g.
 ``{head: text, descriptions: templates}``) and the learning rates. ``trial_mode: train`` runs each
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitstorm.atomic import json_bytes
+from bitstorm.command import FAILED, command_parser, run_command
 from bitstorm.config import from_dict, load_config, to_dict
-from bitstorm.errors import BitstormError, ConfigError
+from bitstorm.errors import ConfigError
 from bitstorm.storage import absolute, join, ray_storage, uri_of, write_bytes
 from trainers.backbones import check_backbone
 from trainers.config import TrainConfig, load_train_config
@@ -186,26 +186,28 @@ def summarise(results, sweep: SweepConfig) -> tuple[str, dict[str, dict[str, Any
     return table.sort_values(["variant", "lr"]).to_csv(index=False), best
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers.tune", description=__doc__)
-    parser.add_argument("--config", required=True, help="sweep file or shipped sweep name")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+def main(argv: list[str] | None = None, prog: str = "python -m trainers.tune") -> int:
+    parser = command_parser(
+        prog,
+        "A Ray Tune sweep over head initialisations x learning rates, with ASHA early "
+        "stopping: a results table (one row per trial) and the best checkpoint per head "
+        "variant. SWEEP is a sweep file or a shipped sweep's name (digits).",
+        fields=SweepConfig,
+        examples=("bitstorm tune --config digits", "bitstorm tune --config digits epochs=2"),
+    )
+    parser.add_argument("--config", required=True, metavar="SWEEP", help="sweep file or name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override sweep fields")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        sweep = load_sweep(args.config, args.overrides)
-        results = run_sweep(sweep)
-    except BitstormError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args, lambda: _tune(args))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.config, args.overrides)
+    results = run_sweep(sweep)
     table, best = summarise(results, sweep)
     folder = join(absolute(sweep.output), sweep.name)
-    try:
-        write_bytes(join(folder, "results.csv"), table.encode())
-        write_bytes(join(folder, "best.json"), json_bytes(best))
-    except BitstormError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    write_bytes(join(folder, "results.csv"), table.encode())
+    write_bytes(join(folder, "best.json"), json_bytes(best))
     print(table)
     for variant, row in sorted(best.items()):
         print(
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             f"-> {row['checkpoint']}"
         )
     print(f"wrote {join(folder, 'results.csv')} and {join(folder, 'best.json')}")
-    return 0 if best else 1
+    return 0 if best else FAILED
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def campaign(**change) -> Argv:
     return argv
 
 
+def with_flags(case: Argv, *flags: str) -> Argv:
+    """``case``'s command line with ``flags`` after it (``{out}``: the case's output folder)."""
+    return lambda tmp, checkpoint: (
+        case(tmp, checkpoint) + [f.format(out=tmp / "out") for f in flags]
+    )
+
+
 def damaged_checkpoint(damage: Callable[[Path], None]) -> Argv:
     """A campaign over a copy of the good checkpoint that ``damage`` changed."""
 
@@ -185,6 +192,37 @@ CASES: dict[str, tuple[Argv, str]] = {
     "a spec file that is not there": (
         command("campaign/run.py", "--spec", "/nonexistent.yaml"),
         "/nonexistent.yaml",
+    ),
+    # flags and overrides that would otherwise be ignored (issue 17)
+    "overrides without --spec": (
+        command("-m", "bitstorm", "run", "images=64"),
+        "images=64: key=value overrides change a --spec campaign",
+    ),
+    "--output with --spec": (
+        with_flags(campaign(), "--output", "{out}"),
+        "--output is the default run's folder",
+    ),
+    "--fresh with --dry-run": (with_flags(campaign(), "--dry-run", "--fresh"), "--dry-run runs"),
+    "site options without --list-sites": (
+        command("-m", "bitstorm", "run", "--input", "3,32,32"),
+        "--input: fault-site options describe the model of --list-sites",
+    ),
+    "--list-sites with --spec": (
+        with_flags(campaign(), "--list-sites", "resnet18"),
+        "--list-sites prints a model's fault sites and runs nothing; drop --spec",
+    ),
+    "a dotted key into a plain field": (
+        with_flags(campaign(), "images.count=3"),
+        "images",
+    ),
+    "an unknown bitstorm subcommand": (
+        command("-m", "bitstorm", "rnu"),
+        "no subcommand 'rnu'; did you mean run?",
+    ),
+    "bitstorm with no subcommand": (command("-m", "bitstorm"), "name a subcommand"),
+    "sites of a misspelt model": (
+        command("-m", "bitstorm", "sites", "resnt18"),
+        "did you mean resnet18",
     ),
     # reports and site listings
     "a report of no campaign": (command("-m", "campaign.report", "/nonexistent"), "/nonexistent"),

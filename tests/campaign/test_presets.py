@@ -10,7 +10,7 @@ import pytest
 
 from bitstorm.config import shipped_config
 from bitstorm.errors import ConfigError
-from campaign.cli import build_parser, load_campaign_spec, main
+from campaign.cli import DEFAULT_OUTPUT, load_campaign_spec, main
 from campaign.default import default_embeddings, default_train_configs
 from campaign.spec import CampaignSpec, ModelEntry, load_spec
 from trainers.checkpoint import FORMAT, MANIFEST, REQUIRED
@@ -112,7 +112,7 @@ def test_preset_is_found_by_the_name_its_header_gives(path):
 
 def test_digits_preset_uses_what_the_default_run_writes():
     spec = load_spec(PAPER / "digits_resnet18.yaml")
-    output = Path(build_parser().parse_args([]).output).resolve()
+    output = Path(DEFAULT_OUTPUT).resolve()
     configs = default_train_configs(output)
     entries = {e.name.rpartition("_")[2]: e for e in spec.models}
     assert {head: str(Path(e.checkpoint).resolve()) for head, e in entries.items()} == {
