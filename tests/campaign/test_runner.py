@@ -74,7 +74,9 @@ def test_rerun_skips_finished_shards_and_gives_the_same_result(ray_local, checkp
     after = trial_rows(tmp_path).sort_values(order).reset_index(drop=True)
     assert after.equals(first)
     assert all(os.path.getmtime(p) == t for p, t in before.items())  # finished shards untouched
-    with pytest.raises(ConfigError, match="different campaign spec"):
+    with pytest.raises(
+        ConfigError, match=r"different campaign spec \(trials_per_stratum: 6 -> 7\)"
+    ):
         run_campaign(tiny_spec(checkpoints, tmp_path, trials_per_stratum=7), progress=False)
     run_campaign(tiny_spec(checkpoints, tmp_path, trials_per_stratum=7), fresh=True, progress=False)
     assert len(trial_rows(tmp_path)) != len(first)
