@@ -35,11 +35,13 @@ class _Lines(logging.Formatter):
 
 def configure(verbosity: int = 0) -> None:
     """Show bitstorm's lines at ``verbosity`` (-1 quiet: warnings; 0: progress; 1: debug) on
-    stderr. Idempotent: a second call only changes the level. Records still propagate to the
-    root logger's handlers (a test's log capture, a notebook's), which Ray's own handler, at
-    ERROR, filters out."""
+    stderr, and only there: a command owns its terminal, and a library that calls
+    ``logging.error`` first (open_clip does) gives the root logger a handler that would print
+    every line twice. Idempotent: a second call only changes the level. Without this call (a
+    notebook, a script of the user's) bitstorm's records go to the root logger as usual."""
     logger = logging.getLogger(ROOT)
     logger.setLevel(LEVELS[max(-1, min(1, verbosity))])
+    logger.propagate = False
     if not any(isinstance(h.formatter, _Lines) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Lines("%(message)s"))

@@ -39,7 +39,10 @@ def connect(address: str | None = None) -> bool:
         "starting a private local Ray instance (set RAY_ADDRESS or pass --address auto to "
         "join a running cluster instead)"
     )
-    ray.init(address="local", logging_config=config)
+    # One machine is never preempted: Ray Train's preemption watcher would only print a
+    # C++ error line about its own constructor arguments at every training start.
+    quiet = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    ray.init(address="local", logging_config=config, runtime_env=quiet)
     watch_driver()
     return True
 

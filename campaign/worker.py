@@ -43,10 +43,10 @@ class ShardWorker:
         """``store``: the driver's (the file system it opened, endpoint included); ``models``:
         handed over (campaign.api), else loaded from the spec; ``threads``: torch's intra-op
         threads, set in an actor (never in a user's own process)."""
-        configure()  # Ray set this process's root logger to ERROR: keep bitstorm's warnings
         resources = spec.resources
-        if threads is not None:
+        if threads is not None:  # an actor: Ray set its root logger to ERROR; keep warnings
             torch.set_num_threads(max(1, threads))
+            configure()
         self.images = images
         self.store = store
         device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"

@@ -8,6 +8,7 @@ seeded, so its files are reproducible, and every file made with it says so.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,9 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
         is_path = Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}
         if is_path and not Path(pretrained).is_file():
             raise ConfigError(f"checkpoint {pretrained} does not exist. {_HOW_TO_PROVIDE}")
+        # open_clip logs a failed download on the root logger before it raises (and so gives
+        # the root a handler); the error below says it once, with the fix.
+        logging.disable(logging.ERROR)
         try:
             # weights_only=True: a checkpoint file is never unpickled into arbitrary objects.
             model = open_clip.create_model(
@@ -121,6 +125,8 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
                 f"could not load pretrained weights {arch}:{pretrained} "
                 f"({type(error).__name__}: {str(error)[:200]}). {_HOW_TO_PROVIDE}"
             ) from None
+        finally:
+            logging.disable(logging.NOTSET)
         tag = str(Path(pretrained).resolve()) if is_path else pretrained
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(arch)

@@ -21,6 +21,18 @@ os.environ.update(
 )
 
 
+@pytest.fixture(autouse=True)
+def bitstorm_logger():
+    """A command run in-process takes bitstorm's logger for its terminal (bitstorm.logs):
+    give it back, so that later tests' log capture sees bitstorm's records."""
+    logger = logging.getLogger("bitstorm")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for every test that needs one (starting Ray takes seconds)."""

@@ -75,6 +75,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
     Rerunning the same config (same ``output`` and ``name``) resumes from its latest checkpoint:
     after a crash, or to train for more epochs.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -108,6 +109,9 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
             callbacks=callbacks,
             # Ray Train routes print() through its logger, which shows every line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Train's own INFO lines (worker group start, a 500-character line per reported
+            # epoch) stay in Ray's log files; the loop prints one line per epoch.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()

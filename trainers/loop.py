@@ -139,8 +139,13 @@ def train_loop_per_worker(
 ) -> None:
     """Entry point for ``TorchTrainer``, with ``run_folder`` bound by the driver: the run
     folder's file system as the driver opened it (its endpoint), and its path there."""
+    from ray.train.v2._internal.execution import context as train_context
+
     # The logger that Ray Train (v2) reports a training function's exception on.
     logging.getLogger("ray.train.v2._internal.util").addFilter(_BadInputTracebacks())
+    # The one that logs a ~500-character "Reporting training result" line per report at INFO:
+    # named by its file path, it escapes the run's logging_config (trainers.driver).
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     run_training(from_dict(TrainConfig, config), TrainSession(*run_folder))
 
 
