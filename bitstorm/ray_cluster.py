@@ -22,13 +22,18 @@ log = get_logger(__name__)
 AUTOSCALER_WAIT_S = 600.0
 
 
+# The address of the private local Ray this process started, if it started one.
+_private_address: str | None = None
+
+
 def connect(address: str | None = None) -> bool:
     """Start or join Ray, unless the caller already has (a test, a notebook); returns whether
     this is a private local instance (whose resources are all it will ever have)."""
+    global _private_address
     import ray
 
     if ray.is_initialized():
-        return False
+        return _private_address == ray.get_runtime_context().gcs_address
     address = address or os.environ.get("RAY_ADDRESS")
     config = ray.LoggingConfig(log_level="ERROR")
     if address:
@@ -44,6 +49,7 @@ def connect(address: str | None = None) -> bool:
     quiet = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     ray.init(address="local", logging_config=config, runtime_env=quiet)
     watch_driver()
+    _private_address = ray.get_runtime_context().gcs_address
     return True
 
 

@@ -62,6 +62,25 @@ def default_train_configs(output: Path) -> dict[str, TrainConfig]:
     return configs
 
 
+def train_on_every_core(configs: dict[str, TrainConfig]) -> dict[str, Path]:
+    """Train ``configs`` one after the other, each Ray Train run on every core of this machine
+    (a recipe's one CPU would leave the others idle). One after the other, not side by side:
+    on the 2-core machine this was measured on, two concurrent runs gained 15% against 30% for
+    one run on both cores, and their progress lines interleaved. Returns each final checkpoint."""
+    import dataclasses
+    import os
+
+    from trainers.driver import fit
+
+    cores = os.cpu_count() or 1
+    checkpoints = {}
+    for head, cfg in configs.items():
+        log.info("training %s (resnet18, %s head) on digits, %d CPU(s)", cfg.name, head, cores)
+        result = fit(dataclasses.replace(cfg, cpus_per_worker=cores))
+        checkpoints[head] = Path(result.checkpoint.path)
+    return checkpoints
+
+
 def default_campaigns(output: Path) -> list[CampaignSpec]:
     """Embeddings, two trained models and the embedded default's two campaign specs, one per
     protocol."""
@@ -70,7 +89,6 @@ def default_campaigns(output: Path) -> list[CampaignSpec]:
     from embeddings.descriptions import clean_descriptions, shipped_descriptions
     from embeddings.store import load_embeddings, save_embeddings
     from trainers.checkpoint import latest_checkpoint, read_manifest
-    from trainers.driver import fit
 
     names = class_names("digits")
     embeddings = default_embeddings(output)
@@ -84,23 +102,22 @@ def default_campaigns(output: Path) -> list[CampaignSpec]:
         save_embeddings(
             build_embeddings(names, descriptions, encoder, description_source="shipped"), embeddings
         )
+    configs = default_train_configs(output)
+    checkpoints = {head: latest_checkpoint(cfg.run_dir) for head, cfg in configs.items()}
+    wanted = [
+        head
+        for head, cfg in configs.items()
+        if checkpoints[head] is None or read_manifest(checkpoints[head])["epoch"] < cfg.epochs
+    ]
+    for head in set(configs) - set(wanted):
+        log.info("reusing trained %s: %s", configs[head].name, checkpoints[head])
+    checkpoints |= train_on_every_core({head: configs[head] for head in wanted})
     models = []
-    for head, cfg in default_train_configs(output).items():
-        checkpoint = latest_checkpoint(cfg.run_dir)
-        manifest = read_manifest(checkpoint) if checkpoint is not None else None
-        if manifest is None or manifest["epoch"] < cfg.epochs:
-            log.info("training %s (resnet18, %s head) on digits", cfg.name, head)
-            checkpoint = Path(fit(cfg).checkpoint.path)
-            manifest = read_manifest(checkpoint)
-        else:
-            log.info("reusing trained %s: %s", cfg.name, checkpoint)
-        accuracy = manifest["metrics"]["val_top1"]
+    for head, cfg in configs.items():
+        accuracy = read_manifest(checkpoints[head])["metrics"]["val_top1"]
         log.info("%s: validation top-1 %.2f%%", cfg.name, 100 * accuracy)
-        models.append(
-            ModelEntry(
-                f"resnet18_{head}", str(checkpoint), str(embeddings) if head == "text" else None
-            )
-        )
+        embedding = str(embeddings) if head == "text" else None
+        models.append(ModelEntry(f"resnet18_{head}", str(checkpoints[head]), embedding))
     return [
         CampaignSpec(
             models=models,

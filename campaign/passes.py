@@ -2,9 +2,11 @@
 (a forward over validation images until enough qualify), the range profile over the training
 split, and the validation split's mean Top2Diff.
 
-On ImageNet these read up to 1.3 million images, a GPU's work. A campaign on Ray therefore runs
-them as one task with an actor's resources, on a node like the actors' and on its GPU, never on
-the driver, which may be a CPU head node. A local campaign (and a dry run) runs them here.
+On ImageNet these read up to 1.3 million images, a GPU's work. A campaign on a Ray cluster, or
+with GPU actors, therefore runs them as one task with an actor's resources, on a node like the
+actors' and on its GPU, never on the driver, which may be a CPU head node. A local campaign, a
+dry run, and CPU actors on the driver's own private Ray run them in the driver (the same CPUs,
+with all of its threads and no process to start).
 """
 
 from __future__ import annotations

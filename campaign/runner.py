@@ -199,6 +199,7 @@ def run_campaign(
         probe = Store.open(spec.output, spec.name, create=is_uri(spec.output))
     except ConfigError as error:  # a URI no file system opens: say which field holds it
         raise ConfigError(f"output {error}") from None
+    private = False
     if not local:
         private = connect(address)
         check_grantable(resources.cpus_per_actor, resources.gpus_per_actor, private)
@@ -206,7 +207,10 @@ def run_campaign(
     cached_profile = None if cached is None else Profile(**cached)
     layers = {name: [site.name for site in sites] for name, sites in checked.sites.items()}
     handed = checked.models if given else None  # actors load a spec's models themselves
-    if local:
+    # On a cluster the driver may be a CPU head node: the passes go where the actors run. A
+    # private local Ray with CPU actors runs on this machine anyway, so they run here, with
+    # every thread of the driver, and no process to start.
+    if local or (private and resources.gpus_per_actor == 0):
         passes = data_passes(spec, checked.models, layers, checked.data, cached_profile)
     else:
         passes = remote_data_passes(spec, handed, layers, checked.data, cached_profile)
