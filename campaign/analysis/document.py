@@ -3,6 +3,7 @@ files always say the same thing and no Markdown parser is needed to make the HTM
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import Sequence
@@ -20,6 +21,11 @@ th, td { border: 1px solid #ccc; padding: 0.2rem 0.6rem; }
 th { background: #f3f3f3; }
 td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; }
+figure { margin: 0; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fit, minmax(30rem, 1fr));
+           gap: 0.5rem; }
+details { margin: 0.4rem 0; }
+summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -87,19 +93,53 @@ class Table:
 
 @dataclass(frozen=True)
 class Image:
-    """A picture beside the report file, by relative path."""
+    """A picture beside the report file, by relative path; in HTML its ``png`` bytes inline
+    where given, so that the page stands alone (mailed, or opened from anywhere)."""
 
     path: str
     alt: str
+    png: bytes | None = None
 
     def markdown(self) -> str:
         return f"![{_markdown_text(self.alt)}]({self.path.replace(' ', '%20')})"
 
     def html(self) -> str:
-        return f'<p><img src="{html.escape(self.path)}" alt="{html.escape(self.alt)}"></p>'
+        source = html.escape(self.path)
+        if self.png is not None:
+            source = "data:image/png;base64," + base64.b64encode(self.png).decode()
+        return f'<figure><img src="{source}" alt="{html.escape(self.alt)}"></figure>'
 
 
-Block = Heading | Paragraph | Bullets | Table | Image
+@dataclass(frozen=True)
+class Gallery:
+    """Pictures side by side (in HTML; one after the other in Markdown)."""
+
+    images: tuple[Image, ...]
+
+    def markdown(self) -> str:
+        return "\n\n".join(image.markdown() for image in self.images)
+
+    def html(self) -> str:
+        return f'<div class="gallery">{"".join(i.html() for i in self.images)}</div>'
+
+
+@dataclass(frozen=True)
+class Details:
+    """Blocks a reader opens on demand: folded in HTML, under a heading in Markdown."""
+
+    summary: str
+    blocks: tuple[Heading | Paragraph | Bullets | Table | Image, ...]
+
+    def markdown(self) -> str:
+        inner = "\n\n".join(block.markdown() for block in self.blocks)
+        return f"### {_markdown_text(self.summary)}\n\n{inner}"
+
+    def html(self) -> str:
+        inner = "\n".join(block.html() for block in self.blocks)
+        return f"<details><summary>{html.escape(self.summary)}</summary>\n{inner}\n</details>"
+
+
+Block = Heading | Paragraph | Bullets | Table | Image | Gallery | Details
 
 
 def to_markdown(blocks: Sequence[Block]) -> str:

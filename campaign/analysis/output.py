@@ -6,16 +6,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitstorm.atomic import write_bytes_atomic, write_json_atomic
 from bitstorm.version import __version__
-from campaign.analysis.document import Block, Heading, Image, Paragraph, to_html, to_markdown
-from campaign.analysis.plots import Series, sdc_by_bit, sdc_by_layer
+from campaign.analysis.document import (
+    Block,
+    Gallery,
+    Heading,
+    Image,
+    Paragraph,
+    to_html,
+    to_markdown,
+)
+from campaign.analysis.plots import Series, improvement_by_layer, sdc_by_bit, sdc_by_layer
 from campaign.analysis.render import comparison_blocks, header_blocks, model_blocks
 from campaign.analysis.results import StratumCounts
-from campaign.analysis.stats import Rate
+from campaign.analysis.stats import Rate, ratio_interval
 from campaign.analysis.summary import (
     BASELINE_HEAD,
     INTERVALS,
@@ -28,18 +37,20 @@ from campaign.analysis.summary import (
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
-    """report.md, report.html, report.json and the plots; returns the paths written."""
+    """report.md, report.html (its plots inline), report.json and the plots; returns the paths
+    written."""
+    plots = make_plots(report)
     blocks = [
         *header_blocks(report),
         *comparison_blocks(report),
-        *plot_blocks(report),
+        *plot_blocks(plots),
         *(block for model in report.models for block in model_blocks(model)),
     ]
     return [
         write_bytes_atomic(out / "report.md", to_markdown(blocks).encode()),
         write_bytes_atomic(out / "report.html", to_html(blocks, report.title).encode()),
         write_json_atomic(out / "report.json", report_json(report)),
-        *write_plots(report, out),
+        *(write_bytes_atomic(out / plot.name, plot.png) for plot in plots),
     ]
 
 
@@ -146,26 +157,17 @@ def _stratum_json(stratum: StratumCounts, options: Options) -> dict[str, Any]:
 # --- plots ------------------------------------------------------------------------------------
 
 
-def plot_blocks(report: Report) -> list[Block]:
-    blocks: list[Block] = [Heading("Plots")]
-    for kind in report.kinds:
-        blocks += [
-            Image(_bit_plot(kind, fmt, report.formats), f"SDC rate by bit, {fmt} {kind} faults")
-            for fmt in report.formats
-        ]
-        blocks.append(Image(_layer_plot(kind), f"SDC rate by layer, {kind} faults"))
-    blocks.append(
-        Paragraph(
-            "Error bars: the intervals of the tables. By bit (log scale): a bit where no SDC was "
-            "seen is a hollow triangle at its interval's upper bound; lower ends below the "
-            "axis are cut at its floor. Text heads are dashed (by bit) or hatched (by layer)."
-        )
-    )
-    return blocks
+@dataclass(frozen=True)
+class Plot:
+    name: str  # its file name beside the report
+    alt: str
+    png: bytes
 
 
-def write_plots(report: Report, out: Path) -> list[Path]:
-    written = []
+def make_plots(report: Report) -> list[Plot]:
+    """Per fault kind: SDC rate by bit (per format) and by layer, and the improvement by layer
+    where a comparison has one."""
+    plots = []
     for kind in report.kinds:
         for fmt in report.formats:
             by_bit = series(
@@ -173,33 +175,70 @@ def write_plots(report: Report, out: Path) -> list[Path]:
                 kind,
                 lambda k, fmt=fmt: {bit: r for (f, bit), r in k.bits.items() if f == fmt},
             )
-            png = sdc_by_bit(by_bit, f"{fmt} {kind} faults: SDC rate by bit")
-            written.append(write_bytes_atomic(out / _bit_plot(kind, fmt, report.formats), png))
+            png = sdc_by_bit(by_bit, f"{fmt} {kind} faults: SDC rate by bit", fmt)
+            alt = f"SDC rate by bit, {fmt} {kind} faults"
+            plots.append(Plot(_bit_plot(kind, fmt, report.formats), alt, png))
         by_layer = series(report.models, kind, lambda k: k.layers)
         png = sdc_by_layer(by_layer, f"{kind} faults: SDC rate by layer")
-        written.append(write_bytes_atomic(out / _layer_plot(kind), png))
-    return written
+        plots.append(Plot(f"sdc_by_layer_{kind}.png", f"SDC rate by layer, {kind} faults", png))
+        if improvements := _improvements(report, kind):
+            png = improvement_by_layer(improvements, f"{kind} faults: improvement by layer")
+            alt = f"Improvement by layer, {kind} faults"
+            plots.append(Plot(f"improvement_by_layer_{kind}.png", alt, png))
+    return plots
+
+
+def plot_blocks(plots: Sequence[Plot]) -> list[Block]:
+    return [
+        Heading("Plots"),
+        Gallery(tuple(Image(plot.name, plot.alt, plot.png) for plot in plots)),
+        Paragraph(
+            "Rates in percent on a log axis, with the intervals of the tables as error bars; a "
+            "caret at the bottom marks a lower end below the axis. Keys where a model saw no "
+            "SDC are crosses in the strip under the axis (their upper bounds are in the "
+            "tables). Text heads are dashed. Improvement: baseline / text SDC rate per layer "
+            "both models have, with its log-method interval; above 1 the text head is better."
+        ),
+    ]
 
 
 def _bit_plot(kind: str, fmt: str, formats: Sequence[str]) -> str:
     return f"sdc_by_bit_{kind}.png" if len(formats) == 1 else f"sdc_by_bit_{kind}_{fmt}.png"
 
 
-def _layer_plot(kind: str) -> str:
-    return f"sdc_by_layer_{kind}.png"
-
-
 def series(
     models: Sequence[ModelReport], kind: str, rates: Callable[[KindReport], dict[Any, Rate]]
 ) -> list[Series]:
-    """What the plots draw of each model tested with ``kind``; a model keeps its colour."""
+    """What the plots draw of each model tested with ``kind``, in percent; a model keeps its
+    colour."""
     return [
         Series(
             f"{model.label} ({model.facts.head or 'head unknown'})",
             f"C{i % 10}",
             model.facts.head == BASELINE_HEAD,
-            rates(model.kinds[kind]),
+            {
+                key: (100 * r.rate, 100 * r.low, 100 * r.high) if r.sdc else None
+                for key, r in rates(model.kinds[kind]).items()
+            },
         )
         for i, model in enumerate(models)
         if kind in model.kinds
     ]
+
+
+def _improvements(report: Report, kind: str) -> list[Series]:
+    """Per comparison of ``kind``: baseline / text SDC rate at each layer both models have."""
+    found = []
+    for i, c in enumerate(x for x in report.comparisons if x.kind == kind):
+        base, text = c.baseline.kinds[kind].layers, c.text.kinds[kind].layers
+        values: dict[Any, tuple[float, float, float] | None] = {}
+        for layer in (layer for layer in base if layer in text):
+            a, b = base[layer], text[layer]
+            values[layer] = (
+                ratio_interval(a.rate, a.variance, b.rate, b.variance, a.confidence)
+                if a.sdc and b.sdc
+                else None
+            )
+        if values:
+            found.append(Series(f"{c.baseline.label} / {c.text.label}", f"C{i % 10}", True, values))
+    return found

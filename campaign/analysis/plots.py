@@ -1,5 +1,12 @@
-"""The report's plots as PNG bytes: SDC rate by bit (log scale) and by layer (grouped bars),
-one series per model, with the intervals of the report's tables as error bars.
+"""The report's plots as PNG bytes: SDC rate (percent) by bit and by layer, and the improvement
+(baseline / text SDC rate) by layer, one series per model or pair, with the intervals of the
+report's tables as error bars.
+
+Read without a legend lecture: values on a log axis; a key where nothing was seen (no SDC, or
+no ratio) is marked in a strip of its own under the axis, never drawn as a value; a lower
+interval end below the axis stops at the axis with a caret that says so; a float format's sign,
+exponent and mantissa bits are shaded; the figure's size is bounded whatever the layer count
+(labels are thinned instead).
 
 Figures are made with ``matplotlib.figure.Figure`` directly (the Agg canvas, no pyplot), so
 nothing global changes and no display is needed.
@@ -8,122 +15,178 @@ nothing global changes and no display is needed.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from campaign.analysis.stats import Rate
-
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+
+# IEEE layouts, mantissa then exponent widths (bit 0 is the lowest mantissa bit), and widths.
+FLOAT_FIELDS = {"fp32": (23, 8), "fp16": (10, 5), "bf16": (7, 8)}
+WIDTHS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
+MAX_LABELS = 80  # tick labels on one axis before every n-th is shown
+CARET_DOWN = 11  # matplotlib's CARETDOWNBASE marker
 
 
 @dataclass(frozen=True)
 class Series:
-    """One model's rates at some keys (bits or layers); baselines solid, others dashed or
-    hatched; ``colour`` stays with the model across plots."""
+    """One model's (or pair's) values at some keys (bits or layers): ``(value, low, high)``, or
+    None where nothing was seen. Baselines are solid, others dashed; ``colour`` stays with the
+    model across plots."""
 
     label: str
     colour: str
     baseline: bool
-    rates: dict[Hashable, Rate]
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """rate, low, high and whether any SDC was seen, one entry per key."""
-        rates = list(self.rates.values())
-        return (
-            np.array([r.rate for r in rates]),
-            np.array([r.low for r in rates]),
-            np.array([r.high for r in rates]),
-            np.array([r.sdc > 0 for r in rates]),
-        )
+    values: dict[Hashable, tuple[float, float, float] | None]
 
 
-def sdc_by_bit(series: Sequence[Series], title: str) -> bytes:
-    """Log scale. A bit with no SDC has no place on a log axis: it is a hollow down-triangle at
-    its interval's upper bound; lower ends of error bars are cut at the axis floor."""
-    figure, axes = _figure(10.0)
-    floor = 0.5 * min(_lowest_shown(s) for s in series)
-    for i, line in enumerate(series):
-        rate, low, high, seen = line.arrays()
-        x = np.array(list(line.rates), dtype=float) + _offset(i, len(series), 0.12)
-        shown = np.where(seen, rate, np.nan)
-        below = np.nan_to_num(shown - np.maximum(low, floor))
-        above = np.nan_to_num(high - shown)
-        axes.errorbar(
-            x,
-            shown,
-            yerr=[below, above],
-            marker="o",
-            markersize=4,
-            capsize=2,
-            color=line.colour,
-            linestyle="-" if line.baseline else "--",
-            label=line.label,
-        )
-        marks = np.maximum(high, floor)[~seen]
-        axes.scatter(x[~seen], marks, marker="v", facecolors="none", edgecolors=line.colour)
-    axes.set_yscale("log")
-    axes.set_ylim(bottom=floor)
-    axes.set_xlabel("bit position")
-    axes.grid(True, which="both", alpha=0.3)
-    return _finish(figure, axes, f"{title} (hollow triangle: no SDC seen, at the upper bound)")
+def sdc_by_bit(series: Sequence[Series], title: str, fmt: str) -> bytes:
+    keys = list(range(WIDTHS[fmt]))
+    return _plot(
+        series,
+        keys,
+        title,
+        "SDC rate (%)",
+        "no SDC seen",
+        x_label="bit position (0: lowest mantissa bit)",
+        regions=_bit_regions(fmt, len(keys)),
+    )
 
 
 def sdc_by_layer(series: Sequence[Series], title: str) -> bytes:
-    """Grouped bars: the models side by side at each layer (layers in first-seen order)."""
-    layers = list(dict.fromkeys(layer for s in series for layer in s.rates))
-    position = {layer: i for i, layer in enumerate(layers)}
-    width = 0.8 / len(series)
-    figure, axes = _figure(max(8.0, 0.3 * len(layers) * len(series) + 2))
-    for i, bars in enumerate(series):
-        rate, low, high, _ = bars.arrays()
-        x = np.array([position[layer] for layer in bars.rates]) + _offset(i, len(series), width)
-        axes.bar(
-            x,
-            rate,
-            width,
-            yerr=[rate - low, high - rate],
-            capsize=2,
-            color=bars.colour,
-            hatch="" if bars.baseline else "//",
-            edgecolor="white",
-            error_kw={"elinewidth": 0.8},
-            label=bars.label,
-        )
-    axes.set_xticks(range(len(layers)), [str(layer) for layer in layers], rotation=90, fontsize=7)
-    axes.grid(True, axis="y", alpha=0.3)
-    return _finish(figure, axes, title)
+    return _plot(series, _layers(series), title, "SDC rate (%)", "no SDC seen", x_label="layer")
 
 
-def _lowest_shown(series: Series) -> float:
-    """The smallest value the plot must show: a positive rate, or a zero rate's upper bound
-    (0 when the bit was run exhaustively: then one SDC in all its trials)."""
-    rate, _, high, seen = series.arrays()
-    trials = np.array([r.trials for r in series.rates.values()], dtype=float)
-    shown = np.where(seen, rate, high)
-    return float(np.where(shown > 0, shown, 1 / np.maximum(trials, 1)).min())
+def improvement_by_layer(series: Sequence[Series], title: str) -> bytes:
+    return _plot(
+        series,
+        _layers(series),
+        title,
+        "baseline / text SDC rate",
+        "no ratio: a side\nsaw no SDC",
+        x_label="layer",
+        reference=1.0,
+    )
 
 
-def _offset(i: int, count: int, step: float) -> float:
-    """Where series ``i`` of ``count`` sits beside its key, so error bars do not overlap."""
-    return step * (i - (count - 1) / 2)
+def _layers(series: Sequence[Series]) -> list[Hashable]:
+    """Every series' layers, in first-seen (module) order."""
+    return list(dict.fromkeys(key for s in series for key in s.values))
 
 
-def _figure(width: float) -> tuple[Figure, Axes]:
+def _bit_regions(fmt: str, width: int) -> list[tuple[int, int, str, str]]:
+    """(first bit, last bit, name, colour) of each field of ``fmt``."""
+    if fmt not in FLOAT_FIELDS:
+        return [(0, width - 2, "value bits", "#f2f2f2"), (width - 1, width - 1, "sign", "#e4d8f0")]
+    mantissa, exponent = FLOAT_FIELDS[fmt]
+    return [
+        (0, mantissa - 1, "mantissa", "#f2f2f2"),
+        (mantissa, mantissa + exponent - 1, "exponent", "#fbe3c9"),
+        (mantissa + exponent, mantissa + exponent, "sign", "#e4d8f0"),
+    ]
+
+
+def _plot(
+    series: Sequence[Series],
+    keys: list[Hashable],
+    title: str,
+    y_label: str,
+    unseen_label: str,
+    *,
+    x_label: str,
+    regions: Sequence[tuple[int, int, str, str]] = (),
+    reference: float | None = None,
+) -> bytes:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, 5.5), layout="constrained")
-    return figure, figure.subplots()
-
-
-def _finish(figure: Figure, axes: Axes, title: str) -> bytes:
-    axes.set_ylabel("SDC rate")
-    axes.set_title(title)
-    axes.legend(fontsize=8)
+    width = min(16.0, max(8.0, 0.14 * len(keys) * max(1, len(series)) ** 0.5 + 3.0))
+    figure = Figure(figsize=(width, 6.0), layout="constrained")
+    main, strip = figure.subplots(2, 1, sharex=True, height_ratios=[6, 1])
+    position = {key: i for i, key in enumerate(keys)}
+    seen = [v for s in series for v in s.values.values() if v is not None]
+    floor = _floor(seen, reference)
+    step = min(0.8 / max(1, len(series)), 0.2)
+    for i, line in enumerate(series):
+        x = np.arange(len(keys)) + step * (i - (len(series) - 1) / 2)
+        value = np.full(len(keys), np.nan)
+        low, high = value.copy(), value.copy()
+        for key, point in line.values.items():
+            if point is not None:
+                value[position[key]], low[position[key]], high[position[key]] = point
+        clipped = low < floor
+        main.errorbar(
+            x,
+            value,
+            yerr=[value - np.maximum(low, floor), high - value],
+            marker="o",
+            markersize=4,
+            capsize=2,
+            elinewidth=0.9,
+            color=line.colour,
+            linestyle="-" if line.baseline else "--",
+            linewidth=1.0,
+            label=line.label,
+        )
+        main.plot(
+            x[clipped],
+            np.full(clipped.sum(), floor),
+            linestyle="none",
+            marker=CARET_DOWN,
+            color=line.colour,
+        )
+        unseen = [x[position[key]] for key, point in line.values.items() if point is None]
+        strip.plot(unseen, [i] * len(unseen), linestyle="none", marker="x", color=line.colour)
+    for first, last, name, colour in regions:
+        for axes in (main, strip):
+            axes.axvspan(first - 0.5, last + 0.5, color=colour, zorder=0, linewidth=0)
+        main.text(
+            (first + last) / 2,
+            1.01,
+            name,
+            transform=main.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="#555",
+        )
+    if reference is not None:
+        main.axhline(reference, color="#444", linewidth=0.8)
+    main.set_yscale("log")
+    main.set_ylim(bottom=floor / 1.6)  # room under the carets
+    main.set_ylabel(y_label)
+    main.grid(True, which="major", alpha=0.3)
+    main.set_title(title, pad=16 if regions else 6)
+    main.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    _strip(strip, len(series), unseen_label)
+    _ticks(strip, keys, x_label)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def _floor(seen: Sequence[tuple[float, float, float]], reference: float | None) -> float:
+    """The axis floor: a little under the smallest value shown (and the reference line)."""
+    values = [v for v, _, _ in seen if v > 0] + ([reference] if reference else [])
+    return 0.5 * min(values) if values else 1e-3
+
+
+def _strip(strip: Axes, rows: int, label: str) -> None:
+    strip.set_ylim(-0.7, rows - 0.3)
+    strip.set_yticks([])
+    strip.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    strip.grid(True, axis="x", alpha=0.2)
+
+
+def _ticks(axes: Axes, keys: list[Hashable], label: str) -> None:
+    every = math.ceil(len(keys) / MAX_LABELS)
+    shown = range(0, len(keys), every)
+    long = max((len(str(k)) for k in keys), default=1) > 3
+    axes.set_xticks(
+        list(shown), [str(keys[i]) for i in shown], rotation=90 if long else 0, fontsize=8
+    )
+    axes.set_xlim(-0.6, len(keys) - 0.4)
+    axes.set_xlabel(label + (f" (every {every}th labelled)" if every > 1 else ""))

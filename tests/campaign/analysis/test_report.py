@@ -1,9 +1,11 @@
 """campaign.report on synthetic campaigns whose SDC counts are known, so every rate, ratio and
 interval in report.json can be recomputed here by hand (weighting strata by population)."""
 
+import base64
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,13 @@ def test_report_files_and_numbers_match_the_known_counts(zoo, tmp_path, capsys):
     assert "| Model (backbone/dataset) | Baseline acc | Text acc | ΔTop2Diff |" in markdown
     assert "95.00% | 93.00% | -9.50 pp | 3.00 [" in markdown
     assert "![SDC rate by bit, fp32 weight faults](sdc_by_bit_weight.png)" in markdown
-    assert '<img src="sdc_by_layer_weight.png"' in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} >= {"improvement_by_layer_weight.png"}  # conv1: both models
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
+    assert page.count("<details>") == 2 * 2  # by layer and by bit, per model: folded
+    assert not re.search(r">(True|False|None)<", page)
     printed = capsys.readouterr().out
     assert f"wrote {out / 'report.md'}" in printed and "Improvement last layer" in printed
 
