@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,8 +26,9 @@ from bitstorm.errors import ConfigError, DataError
 from bitstorm.logs import get_logger
 from bitstorm.ray_cluster import check_grantable, connect
 from bitstorm.storage import is_uri
+from bitstorm.tracking import check_tracking, default_location, open_tracker
 from bitstorm.version import __version__
-from campaign.analysis.results import results_of
+from campaign.analysis.results import overall_rates, results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
 from campaign.images import CampaignImages, campaign_data, load_models, select_images
 from campaign.passes import data_passes, remote_data_passes
@@ -188,6 +190,7 @@ def run_campaign(
     ``local``: run the shards in this process, without Ray."""
     # Everything a user can get wrong is refused before anything is written.
     started = time.perf_counter()
+    check_tracking(spec.tracking)
     given = checked is not None
     checked = checked or validate(spec)
     fingerprint = spec.fingerprint(checked.model_ids)
@@ -270,7 +273,28 @@ def run_campaign(
             )
     record.seconds["total"] = time.perf_counter() - started
     record.write("complete", targets)
+    track_summary(spec, store)
     return store
+
+
+def track_summary(spec: CampaignSpec, store: Store) -> None:
+    """Log the finished campaign to the spec's tracker: its fields as parameters, and each
+    model x kind's overall SDC rate with its interval and trials as metrics."""
+    if spec.tracking == "none":
+        return
+    folder = Path(".") if is_uri(spec.output) else Path(spec.output)
+    location = spec.tracking_uri or default_location(spec.tracking, folder)
+    tracker = open_tracker(spec.tracking, spec.name, location)
+    try:
+        tracker.log_params(to_dict(spec) | {"models": [m.name for m in spec.models]})
+        metrics = {}
+        for (model, kind), rate in overall_rates(results_of(store), spec.confidence).items():
+            for name in ("rate", "low", "high", "trials", "sdc"):
+                metrics[f"{model}.{kind}.sdc_{name}"] = getattr(rate, name)
+        tracker.log_metrics(metrics, step=0)
+    finally:
+        tracker.close()
+    log.info("campaign %s: summary logged to %s (%s)", spec.name, spec.tracking, location)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from bitstorm.config import from_dict, load_config_data
 from bitstorm.errors import ConfigError
+from bitstorm.tracking import TRACKERS
 from campaign.analysis.results import OVERALLS
 from campaign.faults.bits import FORMATS, format_width
 from campaign.faults.trials import KINDS
@@ -173,6 +174,9 @@ class CampaignSpec:
     max_rounds: int = field(default=40, metadata=PLACE)
     seed: int = 0
     shard_size: int = 4096  # trials per shard: shard ids and files depend on it
+    # where the summary is logged at the end (bitstorm.tracking): mlflow, tensorboard, wandb
+    tracking: str = field(default="none", metadata=PLACE)
+    tracking_uri: str | None = field(default=None, metadata=PLACE)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -185,6 +189,7 @@ class CampaignSpec:
             ("overall", OVERALLS),
             ("allocation", ALLOCATIONS),
             ("top2diff_images", TOP2DIFF_IMAGES),
+            ("tracking", TRACKERS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

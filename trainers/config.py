@@ -8,6 +8,7 @@ from pathlib import Path
 from bitstorm.config import load_config
 from bitstorm.errors import ConfigError
 from bitstorm.storage import absolute, join
+from bitstorm.tracking import TRACKERS
 from trainers.data import DATASETS
 from trainers.heads import HEADS
 
@@ -56,9 +57,13 @@ class TrainConfig:
     max_failures: int = 2
     output: str = "runs"
     name: str = "train"
+    # experiment tracking (bitstorm.tracking): mlflow, tensorboard, wandb or none; where to
+    tracking: str = "none"
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else under output
 
     def __post_init__(self) -> None:
         choices = {
+            "tracking": TRACKERS,
             "head": HEADS,
             "dataset": DATASETS,
             "optimizer": OPTIMIZERS,

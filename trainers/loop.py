@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from bitstorm.config import from_dict
+from bitstorm.config import from_dict, to_dict
 from bitstorm.metrics import top2diff, topk_correct
+from bitstorm.tracking import open_tracker
 from embeddings.store import load_embeddings
 from trainers.checkpoint import (
     fetched_stored,
@@ -196,41 +197,50 @@ def run_training(cfg: TrainConfig, session: Session) -> None:
         return int(manifest["epoch"])
 
     start_epoch = session.restore(resume)
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        train = run_epoch(model, train_loader, session.device, cfg, optimizer, scaler, use_amp)
-        seconds = time.perf_counter() - started
-        val = run_epoch(model, val_loader, session.device, cfg)
-        scheduler.step()
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": train["count"] / seconds,
-            **{f"train_{k}": v for k, v in train.items() if k != "count"},
-            **{f"val_{k}": v for k, v in val.items() if k != "count"},
-        }
-        history.append(metrics)
-        if session.rank == 0:
-            print(progress_line(metrics, cfg.epochs), flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
+    # rank 0 alone tracks, as it alone prints and checkpoints
+    tracking = cfg.tracking if session.rank == 0 else "none"
+    tracker = open_tracker(tracking, cfg.name, cfg.tracking_uri)
+    tracker.log_params(to_dict(cfg))
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            train = run_epoch(model, train_loader, session.device, cfg, optimizer, scaler, use_amp)
+            seconds = time.perf_counter() - started
+            val = run_epoch(model, val_loader, session.device, cfg)
+            scheduler.step()
+            metrics = {
+                "epoch": epoch + 1,
+                # not "lr": a Tune sweep's results table holds the config's lr beside the metrics
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "images_per_s": train["count"] / seconds,
+                **{f"train_{k}": v for k, v in train.items() if k != "count"},
+                **{f"val_{k}": v for k, v in val.items() if k != "count"},
+            }
+            history.append(metrics)
             if session.rank == 0:
-                checkpoint = save_checkpoint(
-                    folder,
-                    _unwrap(model),
-                    cfg,
-                    class_names=data.class_names,
-                    epoch=epoch + 1,
-                    history=history,
-                    descriptions_sha256=descriptions_sha256,
-                    embeddings_file_sha256=embeddings_file_sha256,
-                    train_state={
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                )
-            session.report(metrics, checkpoint)
+                print(progress_line(metrics, cfg.epochs), flush=True)
+                tracker.log_metrics(metrics, step=epoch + 1)
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if session.rank == 0:
+                    checkpoint = save_checkpoint(
+                        folder,
+                        _unwrap(model),
+                        cfg,
+                        class_names=data.class_names,
+                        epoch=epoch + 1,
+                        history=history,
+                        descriptions_sha256=descriptions_sha256,
+                        embeddings_file_sha256=embeddings_file_sha256,
+                        train_state={
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                        },
+                    )
+                session.report(metrics, checkpoint)
+    finally:
+        tracker.close()
 
 
 def progress_line(metrics: dict[str, float], epochs: int) -> str:
