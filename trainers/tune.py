@@ -22,11 +22,13 @@ from bitstorm.atomic import json_bytes
 from bitstorm.command import FAILED, command_parser, run_command
 from bitstorm.config import from_dict, load_config, to_dict
 from bitstorm.errors import ConfigError
+from bitstorm.logs import get_logger
 from bitstorm.storage import absolute, join, ray_storage, uri_of, write_bytes
 from trainers.backbones import check_backbone
 from trainers.config import TrainConfig, load_train_config
 from trainers.data import check_data
 
+log = get_logger(__name__)
 TRIAL_MODES = ("function", "train")
 SCHEDULERS = ("asha", "none")
 
@@ -131,6 +133,20 @@ def run_sweep(sweep: SweepConfig):
         if sweep.scheduler == "asha"
         else None
     )
+    storage = ray_storage(sweep.output)
+    experiment = f"{str(storage['storage_path']).rstrip('/')}/{sweep.name}"
+    filesystem = storage.get("storage_filesystem")
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        # A rerun of the same sweep (after a crash, a lost node, a Ctrl-C) keeps its finished
+        # trials and resumes the rest; a different sweep needs a different name.
+        log.info("resuming sweep %s from %s: finished trials are kept", sweep.name, experiment)
+        return tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        ).fit()
     tuner = tune.Tuner(
         trainable,
         param_space={
@@ -145,7 +161,7 @@ def run_sweep(sweep: SweepConfig):
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            **ray_storage(sweep.output),
+            **storage,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         ),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ class Behaviour:
     retry_after: str | None = None
     redirect_to: str | None = None  # answer every request with a 302 to this URL
     echo_headers: bool = False  # failing answers carry the request's headers in their body
+    delay_s: float = 0.0  # how long each answer takes
+    in_flight: int = 0
+    most_in_flight: int = 0  # the most requests it held at once
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
 
@@ -34,6 +38,8 @@ def answer(prompt: str, i: int) -> str:
 
 @contextmanager
 def chat_server(behaviour: Behaviour) -> Iterator[str]:
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -49,6 +55,12 @@ def chat_server(behaviour: Behaviour) -> Iterator[str]:
                 if behaviour.echo_headers:
                     error["your_headers"] = dict(self.headers)
                 return self._send(behaviour.fail_status, error, extra)
+            with lock:
+                behaviour.in_flight += 1
+                behaviour.most_in_flight = max(behaviour.most_in_flight, behaviour.in_flight)
+            time.sleep(behaviour.delay_s)
+            with lock:
+                behaviour.in_flight -= 1
             prompt = body["messages"][0]["content"]
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": answer(prompt, i)}}

@@ -1,7 +1,9 @@
 """Building class-embedding files: the averaging recipe, real encoders, reproducibility, the CLI."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from embeddings.build import build_embeddings
 from embeddings.classes import class_names
 from embeddings.cli import main
 from embeddings.descriptions import clean_descriptions, read_descriptions, shipped_descriptions
-from embeddings.encoders import TextEncoder
+from embeddings.encoders import TextEncoder, load_encoder
 from embeddings.store import RandomEncoderWarning, load_embeddings, save_embeddings
 
 from .conftest import shared_file
@@ -161,3 +163,49 @@ def test_real_cupl_descriptions_with_a_real_pretrained_encoder(minilm):
                 "palm_tree",
             }
             assert _nearest(result, "girl") in {"boy", "woman", "baby"}
+
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _tiny_clip_folder(folder: Path):
+    """An open_clip model folder (config and safetensors weights, as a hub repo holds them)
+    of a tiny seeded CLIP; returns the model."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(7)
+    model = open_clip.CLIP(**TINY_CLIP).eval()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "open_clip_model.safetensors")
+    return model
+
+
+def test_open_clip_hub_and_folder_names_load_their_own_weights(tmp_path, monkeypatch):
+    """``hf-hub:org/repo`` from the Hugging Face cache (laid out as the hub leaves it, offline)
+    and ``local-dir:/path``: both carry their config, so no architecture name is needed, and
+    both encode with the weights they hold."""
+    import open_clip
+
+    model = _tiny_clip_folder(tmp_path / "tiny")
+    repo = tmp_path / "hub" / "models--bitstorm-test--tiny-clip"
+    _tiny_clip_folder(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_CACHE once, at import (open_clip imported it long ago)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    texts = ["a photo of a cat", "a photo of a dog"]
+    with torch.no_grad():
+        expected = model.encode_text(open_clip.get_tokenizer("ViT-B-32")(texts))
+    for name in (f"local-dir:{tmp_path / 'tiny'}", "hf-hub:bitstorm-test/tiny-clip"):
+        encoder = load_encoder(name, device="cpu")
+        assert encoder.dim == 16 and encoder.id == f"open_clip:{name}:its own"
+        assert torch.allclose(encoder.encode(texts, progress=False), expected, atol=1e-5)

@@ -154,3 +154,20 @@ def test_an_error_body_that_echoes_the_key_does_not_print_it(tmp_path, capsys):
     assert behaviour.headers[0]["Authorization"] == "Bearer sk-secret-123"  # it was sent
     captured = capsys.readouterr()
     assert "sk-secret-123" not in captured.out + captured.err
+
+
+def test_requests_go_concurrently_within_the_rate_and_answers_keep_their_order(tmp_path):
+    """5 questions x 2 classes, each answer 0.3 s: 4 in flight at once take well under the
+    3 s one at a time would, the rate limit still spaces their starts, and the answers come
+    back in class and question order."""
+    behaviour = Behaviour(delay_s=0.3)
+    with chat_server(behaviour) as url:
+        config = _config(url, tmp_path, concurrency=4, requests_per_minute=1200)  # 0.05 s apart
+        start = time.monotonic()
+        raw = llm_descriptions(["cat", "owl"], config, CUPL_QUESTIONS, progress=False)
+        elapsed = time.monotonic() - start
+    assert behaviour.most_in_flight == 4 and elapsed < 1.8
+    assert len(behaviour.requests) == 10
+    expected = [question(q, name) for name in ("cat", "owl") for q in CUPL_QUESTIONS]
+    got = [answer.split(" -> ")[0] for answer in raw["cat"][::4] + raw["owl"][::4]]
+    assert got == expected

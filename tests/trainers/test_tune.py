@@ -42,6 +42,12 @@ def test_sweep_over_four_head_kinds(ray_local, tmp_path):
     # The templates variant built its class embeddings once, on the driver, from the st encoder.
     built = list((tmp_path / "embeddings").glob("synthetic-templates-*.safetensors"))
     assert len(built) == 1
+    # A rerun of the same sweep is Tuner.restore: the finished trials come back, none reruns.
+    again = run_sweep(sweep)
+    assert sorted(r.metrics["trial_id"] for r in again) == sorted(
+        r.metrics["trial_id"] for r in results
+    )
+    assert summarise(again, sweep)[0] == table
 
 
 def test_shipped_sweep_and_validation():
