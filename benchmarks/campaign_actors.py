@@ -1,13 +1,15 @@
 """The distribution layer's cost: a campaign through Ray actors (1 and 2) against the bare engine
 on the same trials, in one run on one machine, and Parquet bytes per trial.
 
-    python benchmarks/campaign_actors.py [--trials-per-stratum 384] [--out FILE]
+    python benchmarks/campaign_actors.py [--trials-per-stratum 384] [--repeats 3] [--out FILE]
 
 Uses two ResNet-18 checkpoints made here with random weights (accuracy does not matter for
 speed) on digits, every Conv/Linear layer, weights and neurons, fp32, all 32 bits: the bare
 engine on one thread against the campaign through 1 and 2 actors of one CPU each, their
 trials/s over the time spent running trials (start-up, from the manifest's ``seconds``, printed
-apart). Prints a table and writes JSON (atomically).
+apart, summed over the repeats). The setups take turns over ``--repeats`` rounds of fresh
+trials, so that drift in the machine's speed (seen here: +-15% between runs) falls on all of
+them. Prints a table and writes JSON (atomically).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials-per-stratum", type=int, default=384)  # ~1M trials
     parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of setups")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/campaign.json"))
     args = parser.parse_args()
 
@@ -61,71 +64,44 @@ def main() -> None:
             "models": models,
             "images": args.images,
             "image_selection": "any",
-            "trials_per_stratum": args.trials_per_stratum,
+            "trials_per_stratum": args.trials_per_stratum // args.repeats,
             "output": str(root / "results"),
         }
-
-        # The bare engine on the same trials: one process, one thread (as one actor of one
-        # CPU has), no Ray, no Parquet; the golden pass before the clock, as actors build.
-        spec = CampaignSpec.parse({**base, "name": "bare"})
-        checked = validate(spec)
-        loaded, sites = checked.models, checked.sites
-        per_model = select_images(spec, loaded, checked.data)
-        images = next(iter(per_model.values()))  # image_selection any: one set for all
-        plan = make_plan(spec, sites, {name: len(images.indices) for name in per_model})
-        from campaign.faults.engine import Engine
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        engines = {
-            name: Engine(model, images.images[:1], device="cpu") for name, model in loaded.items()
-        }
-        trials = sum(s.size(len(images.indices)) for s in plan)
-        caches = {
-            name: engine.golden(images.images, [site.name for site in sites[name]], spec.kinds)
-            for name, engine in engines.items()
-        }
-        start = time.perf_counter()
-        for shard in plan:
-            engines[shard.model].run(caches[shard.model], shard.trials(len(images.indices)))
-        bare_s = time.perf_counter() - start
-        torch.set_num_threads(threads)
-        rows = [
-            {
-                "setup": "bare engine, 1 thread",
-                "trials": trials,
-                "startup_s": 0.0,
-                "seconds": bare_s,
-                "trials_per_s": trials / bare_s,
-            }
-        ]
+        setups = ["bare engine, 1 thread"] + [f"campaign, {a} actor(s) x 1 CPU" for a in (1, 2)]
+        totals = {setup: {"trials": 0, "startup_s": 0.0, "seconds": 0.0} for setup in setups}
         parquet_bytes = 0
-        for actors in (1, 2):
-            resources = {"actors": actors, "cpus_per_actor": 1.0}
-            spec = CampaignSpec.parse({**base, "name": f"actors{actors}", "resources": resources})
-            store = run_campaign(spec, progress=False)
-            seconds = store.read_json(store.manifest_path)["seconds"]
-            running = seconds["running trials"]
-            rows.append(
-                {
-                    "setup": f"campaign, {actors} actor(s) x 1 CPU",
-                    "trials": trials,
-                    "startup_s": seconds["total"] - running,
-                    "seconds": running,
-                    "trials_per_s": trials / running,
-                }
-            )
-            parquet_bytes = sum(
-                p.stat().st_size
-                for p in (root / "results" / spec.name / "trials").rglob("*.parquet")
-            )
+        # The setups take turns, each repeat on fresh trials (its own seed): a machine whose
+        # speed drifts during the run slows them alike instead of whichever ran last.
+        for repeat in range(args.repeats):
+            trials, seconds = _bare(CampaignSpec.parse({**base, "name": "bare", "seed": repeat}))
+            _add(totals[setups[0]], trials, 0.0, seconds)
+            for actors in (1, 2):
+                resources = {"actors": actors, "cpus_per_actor": 1.0}
+                name = f"actors{actors}-{repeat}"
+                spec = {**base, "name": name, "seed": repeat, "resources": resources}
+                store = run_campaign(CampaignSpec.parse(spec), progress=False)
+                times = store.read_json(store.manifest_path)["seconds"]
+                running = times["running trials"]
+                _add(totals[setups[actors]], trials, times["total"] - running, running)
+                parquet_bytes += (
+                    sum(
+                        p.stat().st_size
+                        for p in (root / "results" / name / "trials").rglob("*.parquet")
+                    )
+                    / 2
+                )  # each repeat's trials are written twice, once per actor count
+        rows = [
+            {"setup": setup, **t, "trials_per_s": t["trials"] / t["seconds"]}
+            for setup, t in totals.items()
+        ]
+        trials = rows[0]["trials"]
     for row in rows:
         row["vs_bare_engine"] = row["trials_per_s"] / rows[0]["trials_per_s"]
     two_vs_one = rows[2]["trials_per_s"] / rows[1]["trials_per_s"]
     print(
         f"bitstorm {__version__}, torch {torch.__version__}, 2 ResNet-18 models on digits, "
-        f"{args.images} images, {trials:,} trials (start-up: loading, golden passes and actors, "
-        "timed apart)"
+        f"{args.images} images, {trials:,} trials in {args.repeats} interleaved repeats "
+        "(start-up: loading, golden passes and actors, timed apart)"
     )
     print(f"{'setup':<36}{'start-up s':>11}{'trials s':>10}{'trials/s':>11}{'x bare':>8}")
     for row in rows:
@@ -143,12 +119,47 @@ def main() -> None:
             "torch": torch.__version__,
             "machine": platform.machine(),
             "trials": trials,
+            "repeats": args.repeats,
             "rows": rows,
             "two_actors_vs_one": two_vs_one,
             "parquet_bytes_per_trial": parquet_bytes / trials,
         },
     )
     print(f"wrote {args.out}")
+
+
+def _bare(spec: CampaignSpec) -> tuple[int, float]:
+    """The bare engine on ``spec``'s trials: one process, one thread (as one actor of one CPU
+    has), no Ray, no Parquet; the golden pass before the clock, as actors build. Returns
+    (trials, seconds)."""
+    from campaign.faults.engine import Engine
+
+    checked = validate(spec)
+    loaded, sites = checked.models, checked.sites
+    per_model = select_images(spec, loaded, checked.data)
+    images = next(iter(per_model.values()))  # image_selection any: one set for all
+    plan = make_plan(spec, sites, {name: len(images.indices) for name in per_model})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engines = {
+        name: Engine(model, images.images[:1], device="cpu") for name, model in loaded.items()
+    }
+    caches = {
+        name: engine.golden(images.images, [site.name for site in sites[name]], spec.kinds)
+        for name, engine in engines.items()
+    }
+    start = time.perf_counter()
+    for shard in plan:
+        engines[shard.model].run(caches[shard.model], shard.trials(len(images.indices)))
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return sum(s.size(len(images.indices)) for s in plan), seconds
+
+
+def _add(total: dict[str, float], trials: int, startup_s: float, seconds: float) -> None:
+    total["trials"] += trials
+    total["startup_s"] += startup_s
+    total["seconds"] += seconds
 
 
 if __name__ == "__main__":
