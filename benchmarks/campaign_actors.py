@@ -83,13 +83,9 @@ def main() -> None:
                 times = store.read_json(store.manifest_path)["seconds"]
                 running = times["running trials"]
                 _add(totals[setups[actors]], trials, times["total"] - running, running)
-                parquet_bytes += (
-                    sum(
-                        p.stat().st_size
-                        for p in (root / "results" / name / "trials").rglob("*.parquet")
-                    )
-                    / 2
-                )  # each repeat's trials are written twice, once per actor count
+                if actors == 2:  # the same trials as the 1-actor campaign wrote
+                    files = (root / "results" / name / "trials").rglob("*.parquet")
+                    parquet_bytes += sum(path.stat().st_size for path in files)
         rows = [
             {"setup": setup, **t, "trials_per_s": t["trials"] / t["seconds"]}
             for setup, t in totals.items()
