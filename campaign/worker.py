@@ -44,9 +44,10 @@ class ShardWorker:
         handed over (campaign.api), else loaded from the spec; ``threads``: torch's intra-op
         threads, set in an actor (never in a user's own process)."""
         resources = spec.resources
-        if threads is not None:  # an actor: Ray set its root logger to ERROR; keep warnings
+        if threads is not None:  # an actor: it keeps to the CPUs Ray granted it
             torch.set_num_threads(max(1, threads))
-            configure()
+            pa.set_cpu_count(max(1, threads))  # Parquet's compression threads, too
+            configure()  # Ray set this process's root logger to ERROR; keep bitstorm's warnings
         self.images = images
         self.store = store
         device = "cuda" if resources.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
