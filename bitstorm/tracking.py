@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bitstorm.errors import ConfigError
+from bitstorm.storage import is_uri
 
 TRACKERS = ("none", "mlflow", "tensorboard", "wandb")
 EXPERIMENT = "bitstorm"
@@ -46,10 +47,14 @@ def check_tracking(kind: str) -> None:
             raise ConfigError(f"tracking: {kind} needs {module}: {_INSTALL[kind]}")
 
 
-def default_location(kind: str, folder: Path) -> str | None:
-    """Where ``kind`` logs when the config names no ``tracking_uri``: MLflow's own
+def tracking_location(kind: str, uri: str | None, output: str) -> str | None:
+    """Where ``kind`` logs: the config's ``tracking_uri``, else MLflow's own
     ``MLFLOW_TRACKING_URI`` if set, else a file store (``mlruns``) or event folder
-    (``tensorboard``) in ``folder``; W&B decides its own."""
+    (``tensorboard``) in the config's ``output`` (in this folder where that is an object-store
+    URI), as an absolute path, since workers may run elsewhere; W&B decides its own."""
+    if uri is not None:
+        return uri
+    folder = Path(".") if is_uri(output) else Path(output)
     if kind == "mlflow":
         return os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri()
     if kind == "tensorboard":

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from bitstorm.errors import ConfigError, DataError
 from bitstorm.logs import get_logger
 from bitstorm.ray_cluster import check_grantable, connect
 from bitstorm.storage import is_uri
-from bitstorm.tracking import check_tracking, default_location, open_tracker
+from bitstorm.tracking import check_tracking, open_tracker, tracking_location
 from bitstorm.version import __version__
 from campaign.analysis.results import overall_rates, results_of
 from campaign.faults.sites import LayerSite, find_sites, select_layers
@@ -282,8 +281,7 @@ def track_summary(spec: CampaignSpec, store: Store) -> None:
     model x kind's overall SDC rate with its interval and trials as metrics."""
     if spec.tracking == "none":
         return
-    folder = Path(".") if is_uri(spec.output) else Path(spec.output)
-    location = spec.tracking_uri or default_location(spec.tracking, folder)
+    location = tracking_location(spec.tracking, spec.tracking_uri, spec.output)
     tracker = open_tracker(spec.tracking, spec.name, location)
     try:
         tracker.log_params(to_dict(spec) | {"models": [m.name for m in spec.models]})

@@ -15,7 +15,7 @@ from bitstorm.config import to_dict
 from bitstorm.logs import get_logger
 from bitstorm.ray_cluster import connect
 from bitstorm.storage import absolute, is_uri, open_location, ray_storage
-from bitstorm.tracking import check_tracking, default_location
+from bitstorm.tracking import check_tracking, tracking_location
 from embeddings.build import build_embeddings
 from embeddings.descriptions import clean_descriptions, load_descriptions
 from embeddings.encoders import load_encoder
@@ -85,9 +85,9 @@ def fit(cfg: TrainConfig, callbacks: list | None = None):
     check_backbone(cfg.backbone)
     check_data(cfg.dataset, cfg.data_root, download=cfg.download)
     check_tracking(cfg.tracking)
-    if cfg.tracking != "none" and cfg.tracking_uri is None:  # absolute: workers run elsewhere
-        folder = Path(".") if is_uri(cfg.output) else Path(cfg.output)
-        cfg = dataclasses.replace(cfg, tracking_uri=default_location(cfg.tracking, folder))
+    if cfg.tracking != "none":  # resolved here: the workers run elsewhere
+        location = tracking_location(cfg.tracking, cfg.tracking_uri, cfg.output)
+        cfg = dataclasses.replace(cfg, tracking_uri=location)
     cfg = resolve_embeddings(cfg)
     if cfg.num_workers == 0:
         log.warning(
