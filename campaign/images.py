@@ -12,7 +12,7 @@ campaign."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -154,13 +154,18 @@ def validation_top2diff(model: torch.nn.Module, data: DataBundle, batch: int = 2
     """Mean golden Top2Diff (percent) over the whole validation split: the paper's Top2Diff
     (goldeneye averages it over every validation image, correct or not)."""
     total, count = 0.0, 0
-    for start in range(0, len(data.val), batch):
-        images = torch.stack(
-            [data.val[i][0] for i in range(start, min(start + batch, len(data.val)))]
-        )
+    for images in dataset_batches(data.val, range(len(data.val)), batch):
         total += float(top2diff(golden_logits(model, images)).sum())
         count += len(images)
     return total / count
+
+
+def dataset_batches(
+    dataset: torch.utils.data.Dataset, indices: Sequence[int], size: int
+) -> Iterator[torch.Tensor]:
+    """The images of ``dataset`` at ``indices``, stacked ``size`` at a time."""
+    for start in range(0, len(indices), size):
+        yield torch.stack([dataset[i][0] for i in indices[start : start + size]])
 
 
 def golden_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ images under test shape the protection that is applied to them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from campaign.faults.sites import activation_peaks
+from campaign.images import dataset_batches
 from campaign.spec import CampaignSpec
 from trainers.data import DataBundle
 
@@ -44,16 +44,9 @@ def training_profile(
     bounds: dict[str, dict[str, float]] = {
         name: dict.fromkeys(layers[name], 0.0) for name in models
     }
-    for images in _batches(train, chosen, batch):
+    for images in dataset_batches(train, chosen, batch):
         for name, model in models.items():
             peaks = activation_peaks(model, images, layers[name])
             for layer, peak in peaks.items():
                 bounds[name][layer] = max(bounds[name][layer], peak)
     return Profile("train", count, spec.image_seed, bounds)
-
-
-def _batches(
-    dataset: torch.utils.data.Dataset, indices: list[int], size: int
-) -> Iterator[torch.Tensor]:
-    for start in range(0, len(indices), size):
-        yield torch.stack([dataset[i][0] for i in indices[start : start + size]])
