@@ -65,8 +65,9 @@ def default_train_configs(output: Path) -> dict[str, TrainConfig]:
 def train_on_every_core(configs: dict[str, TrainConfig]) -> dict[str, Path]:
     """Train ``configs`` one after the other, each Ray Train run on every core of this machine
     (a recipe's one CPU would leave the others idle). One after the other, not side by side:
-    on the 2-core machine this was measured on, two concurrent runs gained 15% against 30% for
-    one run on both cores, and their progress lines interleaved. Returns each final checkpoint."""
+    on the 2-core machine this was measured on, two concurrent runs of one core each gained
+    only 15% over one after the other, and Ray merged their progress lines. Returns each
+    final checkpoint."""
     import dataclasses
     import os
 
