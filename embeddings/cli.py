@@ -16,7 +16,7 @@ from embeddings.build import build_embeddings
 from embeddings.classes import CLASS_SETS, class_names
 from embeddings.descriptions import Descriptions, clean_descriptions, load_descriptions
 from embeddings.encoders import DEFAULT_ENCODER, load_encoder
-from embeddings.llm import CUPL_QUESTIONS, LLMConfig, load_questions
+from embeddings.llm import CLIENTS, CUPL_QUESTIONS, LLMConfig, load_questions
 from embeddings.store import ClassEmbeddings, import_release, load_embeddings, save_embeddings
 
 
@@ -75,6 +75,12 @@ def build_parser(prog: str = "python -m embeddings") -> argparse.ArgumentParser:
     llm.add_argument("--llm-model", help="model name (env BITSTORM_LLM_MODEL)")
     llm.add_argument(
         "--llm-api-key", help="API key (better: env BITSTORM_LLM_API_KEY or OPENAI_API_KEY)"
+    )
+    llm.add_argument(
+        "--llm-client",
+        choices=CLIENTS,
+        help="openai (the SDK: pip install 'bitstorm[openai]'), urllib (built in), or auto "
+        "(default: openai where installed; env BITSTORM_LLM_CLIENT)",
     )
     llm.add_argument(
         "--questions",
@@ -163,6 +169,7 @@ def _descriptions(args: argparse.Namespace, names: list[str]) -> Descriptions:
             requests_per_minute=args.requests_per_minute,
             concurrency=args.concurrency,
             cache_dir=args.cache_dir,
+            client=args.llm_client,
         )
         questions = load_questions(args.questions) if args.questions else None
     return load_descriptions(

@@ -6,26 +6,34 @@ endpoint, model, prompt and sampling settings, so a rerun, or a build that crash
 nothing for what was already answered. Requests go ``concurrency`` at a time within a rate
 limit, and are retried with exponential backoff on 429, 5xx and connection errors (honouring
 ``Retry-After``); other HTTP errors stop at once with the server's message.
+
+Two clients send them, chosen by ``client``: the openai SDK where it is installed (the
+``openai`` extra: its own retries and ``OPENAI_*`` variables such as ``OPENAI_ORG_ID``), else
+a built-in urllib one. Neither follows a redirect, which would carry the API key to another
+host.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm.auto import tqdm
 
 from bitstorm.atomic import write_json_atomic
 from bitstorm.errors import ConfigError, DataError
+from bitstorm.logs import get_logger
 from embeddings.classes import display_name
 from embeddings.description_types import Descriptions
 
@@ -39,6 +47,8 @@ CUPL_QUESTIONS = (
 )
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+CLIENTS = ("auto", "openai", "urllib")
+log = get_logger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitstorm" / "llm"
 
 
@@ -55,9 +65,10 @@ class LLMConfig:
     requests_per_minute: float = 600.0
     concurrency: int = 8  # requests in flight at once (each waits for its rate slot)
     max_retries: int = 5
-    backoff_s: float = 1.0
+    backoff_s: float = 1.0  # urllib's first wait; the SDK backs off on its own schedule
     timeout_s: float = 60.0
     cache_dir: Path = DEFAULT_CACHE
+    client: str = "auto"  # openai (the SDK), urllib (built in), auto: openai where installed
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -69,10 +80,15 @@ class LLMConfig:
                 raise ConfigError(f"LLM {name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0 or self.backoff_s < 0:
             raise ConfigError("LLM max_retries and backoff_s must be >= 0")
+        if self.client not in CLIENTS:
+            raise ConfigError(f"LLM client {self.client!r}: choose one of {', '.join(CLIENTS)}")
+        if self.client == "openai" and not _has_openai():
+            raise ConfigError("LLM client openai: pip install 'bitstorm[openai]'")
 
     @classmethod
     def from_env(cls, **given: object) -> LLMConfig:
-        """Flags win; then BITSTORM_LLM_* variables; then OPENAI_BASE_URL / OPENAI_API_KEY."""
+        """Flags win; then BITSTORM_LLM_* variables (``_CLIENT`` too); then OPENAI_BASE_URL /
+        OPENAI_API_KEY."""
         env = os.environ
         values = {key: value for key, value in given.items() if value is not None}
         values.setdefault(
@@ -83,17 +99,21 @@ class LLMConfig:
         )
         values.setdefault("model", env.get("BITSTORM_LLM_MODEL", ""))
         values.setdefault("api_key", env.get("BITSTORM_LLM_API_KEY") or env.get("OPENAI_API_KEY"))
+        values.setdefault("client", env.get("BITSTORM_LLM_CLIENT", "auto"))
         return cls(**values)  # type: ignore[arg-type]
 
 
 class ChatClient:
-    """A minimal chat-completions client: throttled, retried, cached."""
+    """A chat-completions client: throttled, retried, cached, over the openai SDK or urllib."""
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
         self.requests_sent = 0
         self._next_slot = 0.0
         self._slots = threading.Lock()  # the rate limit holds across concurrent requests
+        use_sdk = config.client == "openai" or (config.client == "auto" and _has_openai())
+        self.client = "openai" if use_sdk else "urllib"
+        self._sdk = _openai_client(config, self._throttle) if use_sdk else None
 
     def answers(self, prompt: str) -> list[str]:
         """``answers_per_question`` completions of ``prompt``, from the cache when there."""
@@ -119,21 +139,50 @@ class ChatClient:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return c.cache_dir / digest[:2] / f"{digest}.json"
 
-    def _ask(self, prompt: str) -> list[str]:
+    def _request(self, prompt: str) -> dict:
         c = self.config
-        body = json.dumps(
-            {
-                "model": c.model,
-                "messages": [{"role": "user", "content": prompt}],
-                "n": c.answers_per_question,
-                "temperature": c.temperature,
-                "max_tokens": c.max_tokens,
-            }
-        ).encode()
+        return {
+            "model": c.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "n": c.answers_per_question,
+            "temperature": c.temperature,
+            "max_tokens": c.max_tokens,
+        }
+
+    def _ask(self, prompt: str) -> list[str]:
+        return self._ask_sdk(prompt) if self._sdk is not None else self._ask_urllib(prompt)
+
+    def _ask_sdk(self, prompt: str) -> list[str]:
+        """One request through the SDK, which retries 408, 409, 429, 5xx and connection errors
+        itself (``max_retries``, honouring ``Retry-After``), each attempt within the rate limit;
+        its errors become bitstorm's."""
+        import openai
+
+        url = self._url()
+        try:
+            completion = self._sdk.chat.completions.create(**self._request(prompt))
+        except openai.APIStatusError as error:
+            status = error.status_code
+            detail = self._redacted(error.response.text[:300])
+            if 300 <= status < 400:
+                self._refuse_redirect(url, status, error.response.headers.get("location"))
+            if status not in RETRYABLE_STATUS:
+                self._refuse_status(url, status, detail)
+            self._give_up(url, f"HTTP {status}: {detail}")
+        except openai.APIConnectionError as error:
+            self._give_up(url, f"connection failed: {error.__cause__ or error}")
+        try:
+            return _parse_choices(completion.model_dump())
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"LLM endpoint {url}: malformed response: {error}") from None
+
+    def _ask_urllib(self, prompt: str) -> list[str]:
+        c = self.config
+        body = json.dumps(self._request(prompt)).encode()
         headers = {"Content-Type": "application/json"}
         if c.api_key:
             headers["Authorization"] = f"Bearer {c.api_key}"
-        url = c.base_url.rstrip("/") + "/chat/completions"
+        url = self._url()
         problem = "no attempt made"
         for attempt in range(c.max_retries + 1):
             self._throttle()
@@ -145,17 +194,9 @@ class ChatClient:
             except urllib.error.HTTPError as error:
                 detail = self._redacted(error.read().decode(errors="replace")[:300])
                 if 300 <= error.code < 400:
-                    raise ConfigError(
-                        f"LLM endpoint {url} answered {error.code}, a redirect to "
-                        f"{self._redacted(str(error.headers.get('Location')))}; redirects are "
-                        "not followed (the API key would go with them): set base_url to the "
-                        "final address"
-                    ) from None
+                    self._refuse_redirect(url, error.code, error.headers.get("Location"))
                 if error.code not in RETRYABLE_STATUS:
-                    raise ConfigError(
-                        f"LLM endpoint {url} answered {error.code}: {detail}. "
-                        "Check the base URL, model name and API key"
-                    ) from None
+                    self._refuse_status(url, error.code, detail)
                 problem = f"HTTP {error.code}: {detail}"
                 wait = _retry_after(error.headers.get("Retry-After"), wait)
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
@@ -164,7 +205,28 @@ class ChatClient:
                 problem = f"malformed response: {error}"
             if attempt < c.max_retries:
                 time.sleep(wait)
-        raise DataError(f"LLM endpoint {url} failed {c.max_retries + 1} times; last: {problem}")
+        self._give_up(url, problem)
+
+    def _url(self) -> str:
+        return self.config.base_url.rstrip("/") + "/chat/completions"
+
+    def _refuse_redirect(self, url: str, status: int, location: str | None) -> NoReturn:
+        raise ConfigError(
+            f"LLM endpoint {url} answered {status}, a redirect to "
+            f"{self._redacted(str(location))}; redirects are not followed (the API key would go "
+            "with them): set base_url to the final address"
+        ) from None
+
+    def _refuse_status(self, url: str, status: int, detail: str) -> NoReturn:
+        raise ConfigError(
+            f"LLM endpoint {url} answered {status}: {detail}. "
+            "Check the base URL, model name and API key"
+        ) from None
+
+    def _give_up(self, url: str, problem: str) -> NoReturn:
+        raise DataError(
+            f"LLM endpoint {url} failed {self.config.max_retries + 1} times; last: {problem}"
+        ) from None
 
     def _redacted(self, text: str) -> str:
         """``text`` with the API key blanked: error bodies may echo the request's headers."""
@@ -194,6 +256,28 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
+def _has_openai() -> bool:
+    return importlib.util.find_spec("openai") is not None
+
+
+def _openai_client(config: LLMConfig, throttle: Callable[[], None]):
+    """The SDK's client for ``config``, on an HTTP client that follows no redirect (the SDK's
+    own follows them) and waits for ``throttle`` before every attempt, the SDK's retries
+    included. A keyless local server (vLLM, Ollama) gets a placeholder key, which the SDK
+    insists on."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=config.base_url,
+        api_key=config.api_key or "no-key",
+        max_retries=config.max_retries,
+        timeout=config.timeout_s,
+        http_client=openai.DefaultHttpxClient(
+            follow_redirects=False, event_hooks={"request": [lambda _request: throttle()]}
+        ),
+    )
+
+
 def question(template: str, class_name: str) -> str:
     """Fill a question template, choosing 'a' or 'an' where it says ``a(n)``."""
     name = display_name(class_name)
@@ -211,6 +295,7 @@ def llm_descriptions(
     """Ask every question for every class, ``config.concurrency`` requests at a time within
     its rate limit; raw answers in class and question order, to be cleaned by the caller."""
     client = ChatClient(config)
+    log.info("asking %s at %s through the %s client", config.model, config.base_url, client.client)
     prompts = [(name, question(q, name)) for name in class_names for q in questions]
     bar = tqdm(
         total=len(prompts), desc="asking the language model", unit="prompt", disable=not progress

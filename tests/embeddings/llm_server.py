@@ -44,7 +44,8 @@ def chat_server(behaviour: Behaviour) -> Iterator[str]:
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             behaviour.requests.append(body)
-            behaviour.headers.append(dict(self.headers))
+            # lower-cased: urllib sends "Authorization", httpx (the openai SDK) "authorization"
+            behaviour.headers.append({k.lower(): v for k, v in self.headers.items()})
             if behaviour.redirect_to:
                 return self._send(302, {}, {"Location": behaviour.redirect_to})
             if self.path != "/v1/chat/completions":
