@@ -157,9 +157,9 @@ def plan_campaign(spec: CampaignSpec) -> PlannedCampaign:
     """Validate ``spec``, select its images and plan it, as a run would, without Ray or a
     single write: a user sees a campaign's size before spending a cluster on it."""
     checked = validate(spec)
-    images = select_images(spec, checked.models, checked.data)
-    counts = {name: len(i.indices) for name, i in images.items()}
-    plan = make_plan(spec, checked.sites, counts)
+    counts, plan, files = _first_plan(
+        spec, checked.sites, select_images(spec, checked.models, checked.data)
+    )
     trials: Counter[tuple[str, str]] = Counter()
     for shard in plan:
         trials[shard.model, shard.kind] += shard.size(counts[shard.model])
@@ -169,9 +169,19 @@ def plan_campaign(spec: CampaignSpec) -> PlannedCampaign:
         images=counts,
         trials=dict(sorted(trials.items())),
         shards=len(plan),
-        files=len(make_packs(plan, counts, spec.shard_size)),
+        files=files,
         sequential=spec.sampling == "sequential",
     )
+
+
+def _first_plan(
+    spec: CampaignSpec, sites: dict[str, list[LayerSite]], images: dict[str, CampaignImages]
+) -> tuple[dict[str, int], list[Shard], int]:
+    """Each model's number of campaign images, the planned shards and how many files they
+    fill: what a dry run reports is what a run starts from."""
+    counts = {name: len(i.indices) for name, i in images.items()}
+    plan = make_plan(spec, sites, counts)
+    return counts, plan, len(make_packs(plan, counts, spec.shard_size))
 
 
 def run_campaign(
@@ -236,8 +246,7 @@ def run_campaign(
         )
     if profile is not None and cached_profile is None:
         store.write_json(store.profile_path, dataclasses.asdict(profile))
-    counts = {name: len(i.indices) for name, i in images.items()}
-    plan = make_plan(spec, checked.sites, counts)
+    _, plan, files = _first_plan(spec, checked.sites, images)
     facts = {name: dict(f) for name, f in checked.facts.items()}
     for name, value in passes.val_top2diff.items():
         facts[name]["val_top2diff"] = value
@@ -245,7 +254,7 @@ def run_campaign(
     targets = None
     pool_type = LocalPool if local else ShardPool
     with pool_type(spec, store, images, profile, progress, handed) as pool:
-        pool.start(len(make_packs(plan, counts, spec.shard_size)))
+        pool.start(files)
         pool.use_golden({name: record.golden(name, pool) for name in checked.models})
         record.run_round(plan, pool, "")
         if spec.sampling == "sequential":

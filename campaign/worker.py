@@ -13,7 +13,7 @@ import torch
 
 from bitstorm.logs import configure
 from campaign.census import CensusTally
-from campaign.faults.bits import flip, format_width, number_format
+from campaign.faults.bits import flip, format_width, number_format, same_bits
 from campaign.faults.engine import Engine
 from campaign.faults.golden import GoldenCache
 from campaign.faults.inject import RangeRestriction
@@ -131,7 +131,9 @@ class ShardWorker:
                 "faulty_top1": _unless(out.faulty_top1, out.faulty_top1 == top1),
                 "sdc": out.sdc,
                 "non_finite": out.non_finite,
-                "top2diff": _unless(out.top2diff, _same_bits(out.top2diff, top2diff)),
+                "top2diff": _unless(
+                    out.top2diff, same_bits(out.top2diff.float(), top2diff.float())
+                ),
                 "value_before": out.value_before,
                 "value_after": _unless(out.value_after, _is_exact_flip(out, group.bit, shard.fmt)),
             }
@@ -164,14 +166,9 @@ def _unless(values: torch.Tensor, derivable: torch.Tensor) -> pa.Array:
     return pa.array(values.numpy(), mask=derivable.numpy())
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Equal as stored (bit for bit, so NaN and -0.0 are never taken for another value)."""
-    return a.float().view(torch.int32) == b.float().view(torch.int32)
-
-
 def _is_exact_flip(out: Outcomes, bits: torch.Tensor, fmt: str) -> torch.Tensor:
     """Whether each trial's value after is the plain flip of its value before (a float format,
     not clamped by range restriction): int8's depends on a scale, so it is always stored."""
     if not number_format(fmt).is_float:
         return torch.zeros(len(bits), dtype=torch.bool)
-    return _same_bits(flip(out.value_before, bits, fmt), out.value_after)
+    return same_bits(flip(out.value_before, bits, fmt), out.value_after)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from campaign.faults.bits import flip, int8_scale, quantize
+from campaign.faults.bits import corrupt, int8_scale, quantize
 from campaign.faults.graph import TracedModel
 from campaign.faults.inject import RangeRestriction
 from campaign.faults.trials import Outcomes, TrialGroup, is_sdc
@@ -108,7 +108,9 @@ def final_linear_outcomes(
     bits = group.bit.view(-1, n_bits, n_images)[0, :, 0].to(device)  # [B]
     scale = int8_scale(weight) if group.fmt == "int8" else None
     original = weight.reshape(-1)[index][:, None].expand(-1, n_bits)  # [K, B]
-    after = flip(original.contiguous(), bits[None, :].expand_as(original), group.fmt, scale)
+    after = corrupt(
+        original.contiguous(), bits[None, :].expand_as(original), group.fmt, scale, group.fault
+    )
     out_unit, in_unit = index // in_features, index % in_features
     old = golden.outputs[:, out_unit].T[:, None, :]  # [K, 1, N]
     # In the model's float32, so that overflow to Inf happens where the forward's would.
@@ -133,7 +135,7 @@ def final_logit_outcomes(
     bits = group.bit.view(-1, n_bits, n_images)[0, :, 0].to(golden.outputs.device)  # [B]
     scale = peak / 127 if group.fmt == "int8" else None
     old = golden.outputs[:, units].T[:, None, :].expand(-1, n_bits, -1).contiguous()  # [K,B,N]
-    after = flip(old, bits[None, :, None].expand_as(old), group.fmt, scale)
+    after = corrupt(old, bits[None, :, None].expand_as(old), group.fmt, scale, group.fault)
     new = after if rules.restriction is None else rules.restriction.restrict(group.layer, after)
     return _changed_logit(new, units, golden, quantize(old, group.fmt, scale), new, rules)
 

@@ -1,19 +1,26 @@
-"""Exact single-bit flips in fp32, fp16, bf16 and int8: the numerical core of every trial.
+"""Exact faults in fp32, fp16, bf16 and int8: the numerical core of every trial.
 
-A flip means: round the value to the number format, flip one bit of its stored representation,
-convert back to the caller's dtype. Float formats flip bits of the IEEE pattern through integer
-views, so the result is bit-exact and vectorised (no Python loop over values). int8 models a
-symmetrically quantised tensor: ``q = clamp(round(v / scale), -128, 127)``, flip bit ``b`` of the
-two's-complement byte, dequantise ``q' * scale``.
+A fault means: round the value to the number format, change bits of its stored representation
+as the fault model says, convert back to the caller's dtype. The fault models
+(:func:`fault_model`): ``bit_flip`` (one bit flipped, the transient fault of the paper),
+``multi_bit:K`` (K adjacent bits flipped, from the trial's bit up: a particle strike that upsets
+neighbouring cells), ``stuck_at_0`` and ``stuck_at_1`` (one bit forced: a no-op where it
+already holds that value, and counted as such, never skipped).
+
+Float formats change bits of the IEEE pattern through integer views, so the result is bit-exact
+and vectorised (no Python loop over values). int8 models a symmetrically quantised tensor:
+``q = clamp(round(v / scale), -128, 127)``, change bits of the two's-complement byte,
+dequantise ``q' * scale``.
 
 Bit 0 is always the least significant bit (the lowest mantissa bit for floats); the top bit is the
-sign. When ``values`` already has the format's dtype the flip is its own inverse for every bit
+sign. When ``values`` already has the format's dtype a flip is its own inverse for every bit
 pattern, NaN payloads included; across dtypes NaN payloads follow torch's conversions (NaN stays
 NaN).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +60,47 @@ _MASKS: dict[str, torch.Tensor] = {
     )
     for name, fmt in FORMATS.items()
 }
+
+
+@dataclass(frozen=True)
+class FaultModel:
+    """What a fault does to the stored word: ``op`` on ``width`` adjacent bits, from the
+    trial's bit up (``xor``: flipped; ``clear``: stuck at 0; ``set``: stuck at 1)."""
+
+    name: str
+    op: str
+    width: int = 1
+
+    def bits(self, fmt: str) -> range:
+        """The bits a trial of this fault model can start at in ``fmt``."""
+        return range(format_width(fmt) - self.width + 1)
+
+
+BIT_FLIP = FaultModel("bit_flip", "xor")
+FAULT_MODELS = ("bit_flip", "multi_bit:K", "stuck_at_0", "stuck_at_1")
+MAX_ADJACENT = 8  # the widest multi_bit upset: bit K - 1 of the lowest word (int8) at most
+
+
+@functools.cache
+def fault_model(name: str) -> FaultModel:
+    """A fault model by name: ``bit_flip``, ``multi_bit:K`` (K adjacent bits flipped, 2 to 8;
+    ``multi_bit`` alone is 2), ``stuck_at_0`` or ``stuck_at_1``."""
+    fixed = {
+        "bit_flip": BIT_FLIP,
+        "stuck_at_0": FaultModel("stuck_at_0", "clear"),
+        "stuck_at_1": FaultModel("stuck_at_1", "set"),
+    }
+    if name in fixed:
+        return fixed[name]
+    base, _, count = str(name).partition(":")
+    if base == "multi_bit" and (count or "2").isdigit():
+        width = int(count or "2")
+        if 2 <= width <= MAX_ADJACENT:
+            return FaultModel(f"multi_bit:{width}", "xor", width)
+    raise ConfigError(
+        f"unknown fault model {name!r}; pass one of {', '.join(FAULT_MODELS)} "
+        f"(K adjacent bits, 2 to {MAX_ADJACENT})"
+    )
 
 
 def number_format(fmt: str) -> NumberFormat:
@@ -108,22 +156,59 @@ def flip(
     fmt: str,
     scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Flip bit ``bits`` of every value as stored in ``fmt``; return the result in ``values.dtype``.
+    """Flip bit ``bits`` of every value as stored in ``fmt``: :func:`corrupt` with ``bit_flip``."""
+    return corrupt(values, bits, fmt, scale)
+
+
+def corrupt(
+    values: torch.Tensor,
+    bits: int | torch.Tensor,
+    fmt: str,
+    scale: torch.Tensor | float | None = None,
+    fault: FaultModel = BIT_FLIP,
+) -> torch.Tensor:
+    """Apply ``fault`` at bit ``bits`` (its lowest bit) of every value as stored in ``fmt``;
+    return the result in ``values.dtype``.
 
     ``bits`` is an int or an integer tensor broadcastable to ``values`` (one bit per value). For
     ``int8``, ``scale`` is required: a float, a 0-d tensor, or a per-channel tensor broadcastable
     to ``values`` (see :func:`int8_scale`). The input is never modified.
     """
     number = _check_call(values, fmt, scale)
-    masks = _MASKS[number.name].to(values.device)
-    bit_index = _check_bits(bits, number, values)
-    mask = masks[bit_index]
+    bit_index = _check_bits(bits, number, values, fault)
+    mask = _fault_masks(number.name, fault.width).to(values.device)[bit_index]
     if number.is_float:
-        stored = values.to(number.dtype)
-        flipped = (stored.view(number.int_view) ^ mask).view(number.dtype)
-        return flipped.to(values.dtype)
+        stored = values.to(number.dtype).view(number.int_view)
+        return _apply(stored, mask, fault.op).view(number.dtype).to(values.dtype)
     scale_t = _check_scale(values, scale)
-    return _dequantize(_to_int8(values, scale_t) ^ mask, scale_t, values.dtype)
+    return _dequantize(_apply(_to_int8(values, scale_t), mask, fault.op), scale_t, values.dtype)
+
+
+@functools.cache
+def _fault_masks(fmt: str, width: int) -> torch.Tensor:
+    """Per starting bit, the mask of ``width`` adjacent bits in ``fmt``'s signed integer type:
+    OR of the one-bit masks (which spell the sign bit's as the type's most negative value)."""
+    one_bit = _MASKS[fmt]
+    starts = len(one_bit) - width + 1
+    return torch.stack([one_bit[b : b + width].sum(dtype=one_bit.dtype) for b in range(starts)])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Equal as stored, bit for bit (so NaN and -0.0 are never taken for another value)."""
+    if a.dtype != b.dtype:
+        return torch.zeros(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.bool)
+    if not a.dtype.is_floating_point:
+        return a == b
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.view(view) == b.view(view)
+
+
+def _apply(word: torch.Tensor, mask: torch.Tensor, op: str) -> torch.Tensor:
+    if op == "xor":
+        return word ^ mask
+    if op == "clear":
+        return word & ~mask
+    return word | mask
 
 
 def _to_int8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -182,13 +267,16 @@ def _check_scale(values: torch.Tensor, scale: torch.Tensor | float) -> torch.Ten
 
 
 def _check_bits(
-    bits: int | torch.Tensor, number: NumberFormat, values: torch.Tensor
+    bits: int | torch.Tensor, number: NumberFormat, values: torch.Tensor, fault: FaultModel
 ) -> torch.Tensor:
-    bad_range = f"bits must lie in 0..{number.width - 1} for {number.name}"
+    last = number.width - fault.width
+    bad_range = f"bits must lie in 0..{last} for {number.name}" + (
+        f" ({fault.name} changes bits b..b+{fault.width - 1})" if fault.width > 1 else ""
+    )
     if isinstance(bits, torch.Tensor):
         if bits.is_floating_point() or bits.is_complex() or bits.dtype == torch.bool:
             raise ConfigError(f"bits must be an integer tensor, got {bits.dtype}")
-        if bits.numel() and (int(bits.min()) < 0 or int(bits.max()) >= number.width):
+        if bits.numel() and (int(bits.min()) < 0 or int(bits.max()) > last):
             raise ConfigError(
                 f"{bad_range}; got values from {int(bits.min())} to {int(bits.max())}"
             )
@@ -204,6 +292,6 @@ def _check_bits(
         return bits.to(device=values.device, dtype=torch.long)
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise ConfigError(f"bits must be an int or an integer tensor, got {type(bits).__name__}")
-    if not 0 <= bits < number.width:
+    if not 0 <= bits <= last:
         raise ConfigError(f"{bad_range}; got {bits}")
     return torch.tensor(bits, device=values.device)

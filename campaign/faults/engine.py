@@ -31,7 +31,7 @@ from campaign.faults.analytic import (
     final_linear_scale,
     final_logit_outcomes,
 )
-from campaign.faults.bits import format_width
+from campaign.faults.bits import BIT_FLIP, FaultModel
 from campaign.faults.evaluators import Setting, run_suffixes, run_weight_edits, run_with_hooks
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
@@ -213,20 +213,22 @@ class Engine:
         kind: str = "weight",
         sites_per_chunk: int = 64,
         sites: range | None = None,
+        fault: FaultModel = BIT_FLIP,
     ) -> Iterator[tuple[TrialGroup, Outcomes]]:
-        """Every site (of ``sites``; default all) x bit x image of ``layer`` for faults of
-        ``kind``, exhaustively, in chunks of sites (weights, or output elements per image),
-        nested (site, bit, image).
+        """Every site (of ``sites``; default all) x bit (default: every bit ``fault`` can start
+        at) x image of ``layer`` for faults of ``kind``, exhaustively, in chunks of sites
+        (weights, or output elements per image), nested (site, bit, image).
 
         Where the layer is a Linear whose output is the model's output, as is or times a constant
         (a plain final classifier, or a text head's class Linear and its logit scale), no forward
         runs at all (campaign.faults.analytic). Other layers go through ``run``.
         """
         site = self.sites[layer]
-        self._validate(cache, TrialGroup(kind, layer, fmt, *[torch.zeros(0, dtype=torch.long)] * 3))
+        empty = torch.zeros(0, dtype=torch.long)
+        self._validate(cache, TrialGroup(kind, layer, fmt, empty, empty, empty, fault))
         count = site.weight_elements if kind == "weight" else site.neuron_elements
         sites = range(count) if sites is None else sites
-        bit_list = torch.tensor(list(range(format_width(fmt)) if bits is None else bits))
+        bit_list = torch.tensor(list(fault.bits(fmt) if bits is None else bits))
         n_images = len(cache)
         golden = self._golden_logits(cache, layer)
         rules = LastLayerRules(self.restriction, self._setting.non_finite_sdc)
@@ -240,6 +242,7 @@ class Engine:
                 chosen.repeat_interleave(per_site),
                 bit_list.repeat_interleave(n_images).repeat(len(chosen)),
                 torch.arange(n_images).repeat(len(chosen) * len(bit_list)),
+                fault,
             )
             if golden is None:
                 yield group, self.run(cache, group)

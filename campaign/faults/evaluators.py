@@ -22,10 +22,17 @@ import torch.fx as fx
 from torch import nn
 
 from bitstorm.errors import ConfigError
+from campaign.faults.bits import same_bits
 from campaign.faults.golden import GoldenCache
 from campaign.faults.graph import Cut, TracedModel, cached_nodes
 from campaign.faults.inject import Injector, weight_delta_applies
-from campaign.faults.masking import NEURON_TECHNIQUE, WEIGHT_TECHNIQUE, ClampRule, clamp_rule
+from campaign.faults.masking import (
+    NEURON_TECHNIQUE,
+    UNCHANGED_TECHNIQUE,
+    WEIGHT_TECHNIQUE,
+    ClampRule,
+    clamp_rule,
+)
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import Outcomes, TrialGroup, outcomes_of
 
@@ -159,51 +166,65 @@ def _settle_masked(
     left, settled = [], []
     for plan, positions in members:
         position, chosen, sub, _ = plan
+        # a flip always changes the stored word; a stuck-at bit may already hold its value
+        may_stay = sub.fault.op != "xor"
+        if sub.kind == "neuron" and rule is None and not may_stay:
+            left.append((plan, positions))
+            continue
         group = sub.subset(positions, image_offset=start)
         image = group.image.to(setting.device)
         if sub.kind == "weight":
-            technique = WEIGHT_TECHNIQUE
             before, after = setting.injector.weight_values(group)
-            done = setting.injector.leaves_output(group, values[cut.node.args[0]])
-        elif rule is not None:
-            technique = NEURON_TECHNIQUE
-            before, after, done = _clamped(setting, rule, cut, group, values, peaks[position])
+            unchanged = setting.injector.leaves_weight(group) if may_stay else None
+            masked = setting.injector.leaves_output(group, values[cut.node.args[0]])
+            technique = WEIGHT_TECHNIQUE
         else:
-            left.append((plan, positions))
-            continue
-        count = int(done.sum())
-        if count:
+            before, after, unchanged, masked = _neuron_masking(
+                setting, rule, cut, group, values, peaks[position]
+            )
+            technique = NEURON_TECHNIQUE
+        done = torch.zeros(len(group), dtype=torch.bool, device=image.device)
+        for name, found in ((UNCHANGED_TECHNIQUE, unchanged), (technique, masked)):
+            if found is not None:
+                setting.settled[name] += int((found & ~done).sum())
+                done |= found
+        if bool(done.any()):
             rows = image[done] + start
             outcome = setting.outcomes(
                 cache.logits[rows], cache.top1[rows], before[done], after[done]
             )
             settled.append((position, chosen[positions[done.cpu()]], outcome))
-            setting.settled[technique] += count
-        if count < len(done):
+        if not bool(done.all()):
             left.append((plan, positions[~done.cpu()]))
     return left, settled
 
 
-def _clamped(
+def _neuron_masking(
     setting: Setting,
-    rule: ClampRule,
+    rule: ClampRule | None,
     cut: Cut,
     group: TrialGroup,
     values: dict[fx.Node, torch.Tensor],
     peak: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(value before, value after, whether the clamp removes the fault) per neuron trial."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per neuron trial: the value before and after, whether the faulty value is the golden
+    one bit for bit (None for a flip, which never is), and whether the clamp after the layer
+    removes the fault (None without a clamp rule)."""
     output = values[cut.node]
     image, index = group.image.to(setting.device), group.index.to(setting.device)
     golden = output.reshape(len(output), -1)[image, index]
     before, after = setting.injector.neuron_values(group, golden, peak)
+    faulty = after.to(output.dtype)
+    unchanged = same_bits(golden, faulty) if group.fault.op != "xor" else None
+    if rule is None:
+        return before, after, unchanged, None
     # BatchNorm2d's channels (a rule without an affine map ignores them)
     channel = index // math.prod(output.shape[2:]) if output.dim() == 4 else torch.zeros_like(index)
     added = None
     if rule.addend is not None:
         residual = values[cut.externals[rule.addend]]
         added = residual.reshape(len(residual), -1)[image, index]
-    return before, after, rule.settles(channel, golden, after.to(output.dtype), added)
+    return before, after, unchanged, rule.settles(channel, golden, faulty, added)
 
 
 def _packed(members: list[tuple[tuple, torch.Tensor]], size: int) -> Iterator[list]:

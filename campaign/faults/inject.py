@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.faults.bits import flip, int8_scale, quantize
+from campaign.faults.bits import corrupt, int8_scale, quantize, same_bits
 from campaign.faults.graph import computes_as
 from campaign.faults.trials import TrialGroup
 
@@ -61,28 +61,28 @@ class Injector:
         return group.kind == "neuron" and group.fmt == "int8"
 
     def weight_values(self, group: TrialGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight as the format stores it, flipped weight) per trial; int8 uses the per-tensor
+        """(weight as the format stores it, faulty weight) per trial; int8 uses the per-tensor
         scale."""
-        _, stored, flipped = self._weights(group)
-        return stored, flipped
+        _, stored, after = self._weights(group)
+        return stored, after
 
     def _weights(self, group: TrialGroup) -> tuple[torch.Tensor, ...]:
-        """(weight as the model computes with it, as the format stores it, flipped) per trial."""
+        """(weight as the model computes with it, as the format stores it, faulty) per trial."""
         weight = self.model.get_submodule(group.layer).weight.detach()
         scale = int8_scale(weight) if group.fmt == "int8" else None
         original = weight.reshape(-1)[group.index.to(weight.device)]
-        flipped = flip(original, group.bit.to(weight.device), group.fmt, scale)
-        return original, quantize(original, group.fmt, scale), flipped
+        after = corrupt(original, group.bit.to(weight.device), group.fmt, scale, group.fault)
+        return original, quantize(original, group.fmt, scale), after
 
     def neuron_values(
         self, group: TrialGroup, golden: torch.Tensor, peak: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(value as the format stores it, flipped value) of the selected elements ``golden``;
-        int8 uses the per-layer scale ``peak / 127``; the flipped value is range-restricted
+        """(value as the format stores it, faulty value) of the selected elements ``golden``;
+        int8 uses the per-layer scale ``peak / 127``; the faulty value is range-restricted
         when the injector restricts."""
         bits = group.bit.to(golden.device)
         scale = peak / 127 if group.fmt == "int8" else None
-        after = flip(golden, bits, group.fmt, scale)
+        after = corrupt(golden, bits, group.fmt, scale, group.fault)
         if self.restriction is not None:
             after = self.restriction.restrict(group.layer, after)
         return quantize(golden, group.fmt, scale), after
@@ -90,13 +90,19 @@ class Injector:
     def leaves_output(self, group: TrialGroup, layer_input: torch.Tensor) -> torch.Tensor:
         """Per weight fault: whether it leaves the layer's output exactly as it was, because
         every input value the weight multiplies is zero (a window in the padding, a channel a
-        ReLU zeroed) and the flipped weight is finite (Inf x 0 is NaN). ``layer_input``: the
+        ReLU zeroed) and the faulty weight is finite (Inf x 0 is NaN). ``layer_input``: the
         layer's golden input for every image (only each trial's slice is read)."""
         original, _, after = self._weights(group)
         module = self.model.get_submodule(group.layer)
         device = layer_input.device
         _, x = weight_operand(module, layer_input, group.index.to(device), group.image.to(device))
         return (x == 0).flatten(1).all(dim=1) & torch.isfinite(after - original)
+
+    def leaves_weight(self, group: TrialGroup) -> torch.Tensor:
+        """Per weight fault: whether the faulty weight is the one the model computes with, bit
+        for bit (a stuck-at bit that already held its value, in the model's own format)."""
+        original, _, after = self._weights(group)
+        return same_bits(original, after)
 
     def changed_outputs(self, layer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """How a weight fault's changed outputs (old, new) become the layer's output."""

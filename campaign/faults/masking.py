@@ -1,5 +1,9 @@
 """Faults that change nothing the logits see, settled without running a suffix.
 
+A fault that leaves its value as the model computes with it, bit for bit (a stuck-at bit that
+already holds its value), leaves everything as it was: the golden logits, exactly. Such a trial
+is a trial like any other, masked, and counts in every rate's denominator.
+
 A weight fault whose weight multiplies only zeros (a kernel tap in the padding of a small
 feature map, an input channel a ReLU zeroed for this image) leaves its layer's output as it
 was (campaign.faults.inject.Injector.leaves_output): the golden logits, exactly.
@@ -33,6 +37,7 @@ from campaign.faults.graph import Cut, computes_as
 # The names the engine counts settled trials under.
 NEURON_TECHNIQUE = "neuron masked by the next clamp"
 WEIGHT_TECHNIQUE = "weight meets only zeros"  # campaign.faults.inject.Injector.leaves_output
+UNCHANGED_TECHNIQUE = "fault leaves the value as it was"  # a stuck-at bit that already held
 
 # Rounding allowance in units of the dtype's epsilon times the magnitudes the affine map sums:
 # far above what one multiply and one add (fused or not) can round by.

@@ -1,6 +1,6 @@
-"""The correctness oracle: trials run one at a time through pytorchfi 0.6.0, with ``bits.flip``
-as its error function. Slow on purpose, and obviously right: every other evaluator in bitstorm
-must agree with it.
+"""The correctness oracle: trials run one at a time through pytorchfi 0.6.0, with
+``bits.corrupt`` (the trial's fault model) as its error function. Slow on purpose, and
+obviously right: every other evaluator in bitstorm must agree with it.
 
 pytorchfi numbers layers in two different ways: weight layers by ``model.modules()`` order, neuron
 layers by hook *call* order. We translate qualified names into both numberings for the target
@@ -21,7 +21,7 @@ from pytorchfi import core
 from torch import nn
 
 from bitstorm.errors import ConfigError
-from campaign.faults.bits import flip, format_width, int8_scale
+from campaign.faults.bits import BIT_FLIP, FaultModel, corrupt, format_width, int8_scale
 from campaign.faults.sites import LayerSite, activation_peaks, eval_mode, find_sites
 from campaign.faults.trials import KINDS
 
@@ -30,24 +30,26 @@ Kind = Literal["weight", "neuron"]  # campaign.faults.trials.KINDS
 
 @dataclass(frozen=True)
 class Trial:
-    """One fault: bit ``bit`` (in format ``fmt``) of element ``index`` of a layer's weight tensor
-    (``kind="weight"``) or of one image's output of that layer (``kind="neuron"``)."""
+    """One fault: ``fault`` at bit ``bit`` (in format ``fmt``) of element ``index`` of a layer's
+    weight tensor (``kind="weight"``) or of one image's output of that layer
+    (``kind="neuron"``)."""
 
     kind: Kind
     layer: str
     index: int
     bit: int
     fmt: str
+    fault: FaultModel = BIT_FLIP
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(
                 f"trial kind {self.kind!r} is unknown; pass {' or '.join(map(repr, KINDS))}"
             )
-        if not 0 <= self.bit < format_width(self.fmt):
+        if self.bit not in self.fault.bits(self.fmt):
             raise ConfigError(
-                f"bit {self.bit} is outside {self.fmt}'s {format_width(self.fmt)} bits "
-                f"(0..{format_width(self.fmt) - 1})"
+                f"bit {self.bit} is outside {self.fmt}'s {format_width(self.fmt)} bits for "
+                f"{self.fault.name} (0..{self.fault.bits(self.fmt).stop - 1})"
             )
 
 
@@ -75,7 +77,7 @@ def reference_logits(
 ) -> torch.Tensor:
     """Faulty logits ``[len(trials), len(images), classes]``: each trial applied to every image.
 
-    A neuron trial flips the same element of every image's own output of the layer. int8 weight
+    A neuron trial corrupts the same element of every image's own output of the layer. int8 weight
     faults use the per-tensor scale ``max|w| / 127``; int8 neuron faults use
     ``neuron_scales[layer]`` or, where absent, ``max|output| / 127`` profiled on ``images``.
     """
@@ -127,7 +129,7 @@ def _site(sites: dict[str, LayerSite], trial: Trial) -> LayerSite:
 
 
 class _BitFlipInjector(core.fault_injection):
-    """pytorchfi's injector with exact bit flips as its custom error function.
+    """pytorchfi's injector with exact faults (``bits.corrupt``) as its custom error function.
 
     One instance serves every trial on modules of one type; ``declare_*_fi`` resets its state and
     deep-copies the model per trial, as pytorchfi intends.
@@ -138,8 +140,8 @@ class _BitFlipInjector(core.fault_injection):
     ):
         self._model = model
         self._images = images
-        # Per batch element: (layer number, location, bit, format, int8 scale).
-        self._faults: dict[int, tuple[int, tuple[int, ...], int, str, float | None]] = {}
+        # Per batch element: (layer number, location, trial, int8 scale).
+        self._faults: dict[int, tuple[int, tuple[int, ...], Trial, float | None]] = {}
         self._call_order: list[nn.Module] | None = None
         super().__init__(
             model,
@@ -162,11 +164,11 @@ class _BitFlipInjector(core.fault_injection):
         ]
         scale = int8_scale(module.weight.detach()) if trial.fmt == "int8" else None
 
-        def flip_weight(weight: torch.Tensor, loc: tuple) -> torch.Tensor:
-            return flip(weight[loc], trial.bit, trial.fmt, scale)
+        def corrupt_weight(weight: torch.Tensor, loc: tuple) -> torch.Tensor:
+            return corrupt(weight[loc], trial.bit, trial.fmt, scale, trial.fault)
 
         return self.declare_weight_fi(
-            function=flip_weight,
+            function=corrupt_weight,
             layer_num=[_position(number, module)],
             k=[padded[0]],
             dim1=[padded[1]],
@@ -187,17 +189,11 @@ class _BitFlipInjector(core.fault_injection):
                     f"pytorchfi addresses outputs of at most 4 dimensions; {trial.layer}'s "
                     f"outputs have {len(location) + 1}, which the reference cannot inject into"
                 )
-            self._faults[batch_index] = (
-                self._neuron_layer_number(module),
-                location,
-                trial.bit,
-                trial.fmt,
-                scale,
-            )
+            self._faults[batch_index] = (self._neuron_layer_number(module), location, trial, scale)
         padded = {b: (*f[1], *([None] * (3 - len(f[1])))) for b, f in self._faults.items()}
         batches = list(self._faults)
         return self.declare_neuron_fi(
-            function=self._flip_output,
+            function=self._corrupt_output,
             batch=batches,
             layer_num=[self._faults[b][0] for b in batches],
             dim1=[padded[b][0] for b in batches],
@@ -231,13 +227,13 @@ class _BitFlipInjector(core.fault_injection):
         # first hook when it injects, and the later hooks of the same call leave it be.
         return self._call_order.index(module)
 
-    def _flip_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        """pytorchfi neuron hook: flip each batch element's declared element in this layer."""
+    def _corrupt_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        """pytorchfi neuron hook: each batch element's declared fault in this layer."""
         layer = self.get_current_layer()
-        for batch_index, (number, location, bit, fmt, scale) in self._faults.items():
+        for batch_index, (number, location, trial, scale) in self._faults.items():
             if number == layer:
                 element = (batch_index, *location)
-                output[element] = flip(output[element], bit, fmt, scale)
+                output[element] = corrupt(output[element], trial.bit, trial.fmt, scale, trial.fault)
         self.updateLayer()
         if self.get_current_layer() >= self.get_total_layers():
             self.reset_current_layer()

@@ -15,19 +15,21 @@ import torch
 
 from bitstorm.errors import ConfigError
 from bitstorm.metrics import top2diff
-from campaign.faults.bits import format_width
+from campaign.faults.bits import BIT_FLIP, FaultModel, format_width
 
-# A weight fault flips one bit of one weight for one inference; a neuron fault flips one bit of
-# one element of a layer's output for one image.
+# A weight fault changes one weight for one inference; a neuron fault one element of a layer's
+# output for one image (how: the group's fault model, campaign.faults.bits).
 KINDS = ("weight", "neuron")
 
 
 @dataclass(frozen=True)
 class TrialGroup:
-    """Trials that share kind, layer and number format; one entry per trial in each tensor.
+    """Trials that share kind, layer, number format and fault model; one entry per trial in
+    each tensor.
 
     ``index`` is the flat index into the weight tensor (weight) or into one image's layer output
-    (neuron; over all calls of a reused module, in call order); ``image`` indexes the images.
+    (neuron; over all calls of a reused module, in call order); ``bit`` is the lowest bit the
+    fault changes; ``image`` indexes the images.
     """
 
     kind: str
@@ -36,6 +38,7 @@ class TrialGroup:
     index: torch.Tensor
     bit: torch.Tensor
     image: torch.Tensor
+    fault: FaultModel = BIT_FLIP
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -43,9 +46,9 @@ class TrialGroup:
         sizes = {len(self.index), len(self.bit), len(self.image)}
         if len(sizes) != 1:
             raise ConfigError(f"index, bit and image need one entry per trial; got {sizes}")
-        width = format_width(self.fmt)
-        if len(self.bit) and (int(self.bit.min()) < 0 or int(self.bit.max()) >= width):
-            raise ConfigError(f"bits must lie in 0..{width - 1} for {self.fmt}")
+        last = format_width(self.fmt) - self.fault.width
+        if len(self.bit) and (int(self.bit.min()) < 0 or int(self.bit.max()) > last):
+            raise ConfigError(f"bits must lie in 0..{last} for {self.fmt} under {self.fault.name}")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -65,6 +68,7 @@ class TrialGroup:
             self.index[positions] - index_offset,
             self.bit[positions],
             self.image[positions] - image_offset,
+            self.fault,
         )
 
 

@@ -1,4 +1,5 @@
-"""bits.flip against independent references: numpy integer views and Python's struct module."""
+"""bits.flip and the other fault models against independent references: numpy integer views and
+Python's struct module."""
 
 import struct
 
@@ -9,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitstorm.errors import BitstormError, ConfigError, DataError
-from campaign.faults.bits import FORMATS, flip, format_width, int8_scale, quantize
+from campaign.faults.bits import (
+    FORMATS,
+    corrupt,
+    fault_model,
+    flip,
+    format_width,
+    int8_scale,
+    quantize,
+    same_bits,
+)
 
 N_RANDOM = 100_000
 RNG_SEED = 20231210
@@ -276,3 +286,77 @@ def test_format_widths():
         "bf16": 16,
         "int8": 8,
     }
+
+
+def _numpy_fault(patterns: np.ndarray, bits: np.ndarray, name: str) -> np.ndarray:
+    """The fault models on raw unsigned patterns, written out with numpy's own shifts."""
+    one = np.ones_like(patterns)
+    if name.startswith("multi_bit"):
+        width = int(name.partition(":")[2] or 2)
+        mask = np.zeros_like(patterns)
+        for offset in range(width):
+            mask |= one << (bits + offset).astype(patterns.dtype)
+        return patterns ^ mask
+    mask = one << bits.astype(patterns.dtype)
+    return patterns | mask if name == "stuck_at_1" else patterns & ~mask
+
+
+FAULTS = ["multi_bit", "multi_bit:3", "multi_bit:8", "stuck_at_0", "stuck_at_1"]
+
+
+@pytest.mark.parametrize("name", FAULTS)
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "bf16"])
+def test_float_fault_models_are_bit_exact_on_every_pattern(fmt, name):
+    fault = fault_model(name)
+    rng = np.random.default_rng(RNG_SEED + 9)
+    patterns = _patterns(fmt, rng)
+    bits = rng.integers(0, len(fault.bits(fmt)), size=patterns.size)
+    result = corrupt(_tensor_from_bits(patterns, fmt), torch.from_numpy(bits), fmt, fault=fault)
+    np.testing.assert_array_equal(_bits_of(result, fmt), _numpy_fault(patterns, bits, name))
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_int8_fault_models_match_numpy(name):
+    fault = fault_model(name)
+    rng = np.random.default_rng(RNG_SEED + 10)
+    values = rng.standard_normal(N_RANDOM).astype(np.float32) * 3
+    bits = rng.integers(0, len(fault.bits("int8")), N_RANDOM)
+    tensor = torch.from_numpy(values)
+    scale = np.float32(int8_scale(tensor).item())
+    q = np.clip(np.rint(values / scale), -128, 127).astype(np.int8).view(np.uint8)
+    expected = _numpy_fault(q, bits, name).view(np.int8).astype(np.float32) * scale
+    got = corrupt(tensor, torch.from_numpy(bits), "int8", int8_scale(tensor), fault)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "bf16"])
+def test_stuck_at_is_a_no_op_exactly_where_the_bit_already_holds(fmt):
+    rng = np.random.default_rng(RNG_SEED + 11)
+    patterns = _patterns(fmt, rng)
+    bits = rng.integers(0, FORMATS[fmt].width, size=patterns.size)
+    held = (patterns >> bits.astype(patterns.dtype)) & 1
+    values = _tensor_from_bits(patterns, fmt)
+    for name, value in (("stuck_at_0", 0), ("stuck_at_1", 1)):
+        result = corrupt(values, torch.from_numpy(bits), fmt, fault=fault_model(name))
+        unchanged = _bits_of(result, fmt) == patterns
+        np.testing.assert_array_equal(unchanged, held == value)
+        np.testing.assert_array_equal(same_bits(result, values).numpy(), held == value)
+
+
+def test_multi_bit_is_adjacent_flips_and_stays_inside_the_word():
+    values = torch.randn(1000)
+    bits = torch.randint(0, 30, (1000,))
+    twice = flip(flip(values, bits, "fp32"), bits + 1, "fp32")
+    assert same_bits(corrupt(values, bits, "fp32", fault=fault_model("multi_bit")), twice).all()
+    assert fault_model("multi_bit:3").bits("fp16") == range(14)
+    with pytest.raises(ConfigError, match=r"0\.\.6 for int8 \(multi_bit:2 changes bits b\.\.b\+1"):
+        corrupt(values, 7, "int8", int8_scale(values), fault_model("multi_bit"))
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [("multi_bit:1", "2 to 8"), ("multi_bit:9", "2 to 8"), ("flip", "bit_flip, multi_bit:K")],
+)
+def test_unknown_fault_models_are_refused_with_the_names(name, hint):
+    with pytest.raises(ConfigError, match=hint):
+        fault_model(name)

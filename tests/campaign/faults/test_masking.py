@@ -1,4 +1,5 @@
-"""Neuron faults the next clamp removes: settled without a suffix, and only those."""
+"""Faults that change nothing downstream (the next clamp removes them, or they leave their value
+as it was): settled without a suffix, and only those."""
 
 import math
 
@@ -7,9 +8,15 @@ import torch
 import torchvision
 from torch import nn
 
-from campaign.faults.bits import flip
+from campaign.faults.bits import fault_model, flip, same_bits
 from campaign.faults.engine import Engine
-from campaign.faults.masking import NEURON_TECHNIQUE, WEIGHT_TECHNIQUE, ClampRule, clamp_rule
+from campaign.faults.masking import (
+    NEURON_TECHNIQUE,
+    UNCHANGED_TECHNIQUE,
+    WEIGHT_TECHNIQUE,
+    ClampRule,
+    clamp_rule,
+)
 from campaign.faults.trials import TrialGroup
 
 
@@ -137,3 +144,32 @@ def test_weight_faults_that_meet_only_padding_or_zeros_are_settled_exactly():
     finite = torch.isfinite(flip(model[0].weight.detach().flatten()[index], bit, "fp32"))
     assert on.settled[WEIGHT_TECHNIQUE] == int((zero_input & finite).sum()) > 0
     assert not off.settled
+
+
+@pytest.mark.parametrize("kind", ["weight", "neuron"])
+def test_a_stuck_at_bit_that_already_holds_is_settled_as_a_masked_trial(kind):
+    """Sign bit stuck at 0: a no-op for every non-negative value, which takes the golden
+    outcome without a forward, counted in the group (never dropped); the others run."""
+    model = _block(residual=False, reader="sigmoid")  # no clamp: only the no-op rule settles
+    images = torch.randn(6, 3, 8, 8)
+    size = model.conv.weight.numel() if kind == "weight" else 3 * 8 * 8
+    generator = torch.Generator().manual_seed(5)
+    index = torch.randint(0, size, (300,), generator=generator)
+    group = TrialGroup(
+        kind,
+        "conv",
+        "fp32",
+        index,
+        torch.full((300,), 31),
+        torch.randint(0, 6, (300,), generator=generator),
+        fault_model("stuck_at_0"),
+    )
+    on = Engine(model, images[:1], device="cpu")
+    off = Engine(model, images[:1], device="cpu", settle_masked=False)
+    settled, ran = (e.run(e.golden(images), group) for e in (on, off))
+    held = same_bits(settled.value_before, settled.value_after)
+    assert 0 < int(held.sum()) < len(group)
+    assert on.settled[UNCHANGED_TECHNIQUE] == int(held.sum()) and not off.settled
+    for field in ("faulty_top1", "sdc", "non_finite", "top2diff"):
+        assert torch.equal(getattr(settled, field), getattr(ran, field)), field
+    assert not settled.sdc[held].any() and len(settled.sdc) == len(group)
