@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from campaign.analysis.stats import leveugle_sample_size
+from campaign.faults.bits import fault_model
 from campaign.faults.sites import LayerSite
 from campaign.faults.trials import TrialGroup
 from campaign.spec import CampaignSpec
@@ -48,6 +49,7 @@ class Shard:
     seed: int = 0
     round: int = 0
     census: bool = False
+    fault: str = "bit_flip"  # the campaign's fault model (campaign.faults.bits.fault_model)
 
     @property
     def exhaustive(self) -> bool:
@@ -91,6 +93,7 @@ class Shard:
             torch.cat(indices).long(),
             torch.cat(bits),
             torch.cat(image_ids).long(),
+            fault_model(self.fault),
         )
 
 
@@ -191,6 +194,7 @@ def make_plan(
                                 stop=count,
                                 seed=spec.seed,
                                 census=True,
+                                fault=spec.fault_model,
                             )
                         )
                         continue
@@ -232,6 +236,7 @@ def _stratum_shards(
         "fmt": fmt,
         "sites": sites,
         "seed": spec.seed,
+        "fault": spec.fault_model,
     }
     shards = []
     if spec.sampling == "exhaustive":
@@ -301,6 +306,7 @@ def make_round(
                         counts=counts,
                         seed=spec.seed,
                         round=round,
+                        fault=spec.fault_model,
                     )
                 )
                 batch = []

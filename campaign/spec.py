@@ -25,7 +25,7 @@ from bitstorm.config import from_dict, load_config_data
 from bitstorm.errors import ConfigError
 from bitstorm.tracking import TRACKERS
 from campaign.analysis.results import OVERALLS
-from campaign.faults.bits import FORMATS, format_width
+from campaign.faults.bits import FORMATS, fault_model
 from campaign.faults.trials import KINDS
 
 SAMPLINGS = ("per_stratum", "exhaustive", "leveugle", "sequential")
@@ -154,7 +154,10 @@ class CampaignSpec:
     exclude_layers: list[str] = field(default_factory=list)
     layer_types: str = "conv_linear"
     formats: list[str] = field(default_factory=lambda: ["fp32"])
-    bits: list[int] | None = None  # default: every bit of each format
+    bits: list[int] | None = None  # default: every bit a fault can start at in each format
+    # what a fault does (campaign.faults.bits.fault_model): bit_flip, multi_bit:K (K adjacent
+    # bits from the stratum's bit up), stuck_at_0, stuck_at_1
+    fault_model: str = "bit_flip"
     # sampling, per stratum (model x kind x layer x format x bit). ``sequential`` starts with
     # trials_per_stratum per stratum, then adds rounds of trials where the variance is until
     # every model x kind SDC rate has a half-width <= margin at confidence (or max_trials per
@@ -212,12 +215,16 @@ class CampaignSpec:
         for fmt in self.formats:
             if fmt not in FORMATS:
                 raise ConfigError(f"formats: {fmt!r} is not one of {', '.join(FORMATS)}")
+        try:
+            fault = fault_model(self.fault_model)
+        except ConfigError as error:
+            raise ConfigError(f"fault_model: {error}") from None
         for bit in self.bits or []:
             for fmt in self.formats:
-                if not 0 <= bit < format_width(fmt):
-                    raise ConfigError(
-                        f"bits: {bit} is outside {fmt}'s bits 0..{format_width(fmt) - 1}"
-                    )
+                if bit not in fault.bits(fmt):
+                    last = fault.bits(fmt).stop - 1
+                    under = f" under {fault.name}" if fault.width > 1 else ""
+                    raise ConfigError(f"bits: {bit} is outside {fmt}'s bits 0..{last}{under}")
         if self.sampling == "margin":
             raise ConfigError(
                 "sampling: 'margin' is now 'leveugle' (Leveugle's fixed size per stratum); "
@@ -244,7 +251,9 @@ class CampaignSpec:
         return from_dict(cls, _expand_sampling(_refuse_moved_fields(data)), origin)
 
     def bits_of(self, fmt: str) -> list[int]:
-        return list(self.bits) if self.bits is not None else list(range(format_width(fmt)))
+        if self.bits is not None:
+            return list(self.bits)
+        return list(fault_model(self.fault_model).bits(fmt))
 
     def measured(self, model_ids: Mapping[str, str]) -> dict[str, Any]:
         """What the results depend on, as JSON values: every field that is not a ``PLACE``,
@@ -255,6 +264,8 @@ class CampaignSpec:
             for f in dataclasses.fields(self)
             if not f.metadata.get("place") and f.name != "models"
         }
+        if measured["fault_model"] == "bit_flip":  # older campaigns had only flips, unnamed:
+            del measured["fault_model"]  # their fingerprints stand
         measured["models"] = [(m.name, model_ids[m.name]) for m in self.models]
         return json.loads(json.dumps(measured, sort_keys=True))
 

@@ -13,12 +13,19 @@ import torch
 
 from bitstorm.logs import configure
 from campaign.census import CensusTally
-from campaign.faults.bits import flip, format_width, number_format, same_bits
+from campaign.faults.bits import (
+    BIT_FLIP,
+    fault_model,
+    flip,
+    format_width,
+    number_format,
+    same_bits,
+)
 from campaign.faults.engine import Engine
 from campaign.faults.golden import GoldenCache
 from campaign.faults.inject import RangeRestriction
 from campaign.faults.sites import select_layers
-from campaign.faults.trials import Outcomes
+from campaign.faults.trials import Outcomes, TrialGroup
 from campaign.images import CampaignImages, golden_table, load_models
 from campaign.plan import Pack, Shard
 from campaign.profile import Profile
@@ -135,7 +142,7 @@ class ShardWorker:
                     out.top2diff, same_bits(out.top2diff.float(), top2diff.float())
                 ),
                 "value_before": out.value_before,
-                "value_after": _unless(out.value_after, _is_exact_flip(out, group.bit, shard.fmt)),
+                "value_after": _unless(out.value_after, _is_exact_flip(out, group, shard.fmt)),
             }
         )
 
@@ -151,6 +158,7 @@ class ShardWorker:
             shard.bits,
             kind=shard.kind,
             sites=range(shard.start, shard.stop),
+            fault=fault_model(shard.fault),
         ):
             tally.add(module, group, outcomes)
         self.store.write_table(
@@ -166,9 +174,10 @@ def _unless(values: torch.Tensor, derivable: torch.Tensor) -> pa.Array:
     return pa.array(values.numpy(), mask=derivable.numpy())
 
 
-def _is_exact_flip(out: Outcomes, bits: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Whether each trial's value after is the plain flip of its value before (a float format,
-    not clamped by range restriction): int8's depends on a scale, so it is always stored."""
-    if not number_format(fmt).is_float:
-        return torch.zeros(len(bits), dtype=torch.bool)
-    return same_bits(flip(out.value_before, bits, fmt), out.value_after)
+def _is_exact_flip(out: Outcomes, group: TrialGroup, fmt: str) -> torch.Tensor:
+    """Whether each trial's value after is the plain flip of its value before (a bit flip in a
+    float format, not clamped by range restriction): int8's depends on a scale, and the other
+    fault models' on the stored word, so those are always stored."""
+    if not number_format(fmt).is_float or group.fault != BIT_FLIP:
+        return torch.zeros(len(group), dtype=torch.bool)
+    return same_bits(flip(out.value_before, group.bit, fmt), out.value_after)

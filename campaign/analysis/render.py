@@ -152,6 +152,7 @@ def _protocol_choices(spec: dict[str, Any]) -> str:
     restriction = spec.get("range_restriction", spec.get("clamp"))
     non_finite = spec.get("non_finite_sdc", True)
     return (
+        f"fault model {spec.get('fault_model') or 'bit_flip'}; "
         f"range restriction {'on' if restriction else 'off'}; a non-finite logit "
         f"{'is' if non_finite else 'is not'} an SDC; overall "
         f"{OVERALL_NAMES[spec.get('overall') or 'fault_space']}; sequential allocation "

@@ -8,6 +8,8 @@ import torch
 
 import bitstorm
 from bitstorm.errors import ConfigError
+from campaign.faults.bits import same_bits
+from campaign.faults.masking import UNCHANGED_TECHNIQUE
 from tests.campaign.factories import small_net
 
 
@@ -22,17 +24,15 @@ def _run(data, tmp_path, **options):
     torch.manual_seed(3)
     model = small_net(width=4)
     images, labels = data
+    fields = {"bits": [0, 30], "formats": ["fp32"], "trials_per_stratum": 8} | options
     return bitstorm.run_campaign(
         model,
         images,
         labels,
-        bits=[0, 30],
-        formats=["fp32"],
-        trials_per_stratum=8,
         image_selection="any",
         output=str(tmp_path),
         progress=False,
-        **options,
+        **fields,
     )
 
 
@@ -89,3 +89,36 @@ def test_bad_tensors_and_fields_are_refused(data, tmp_path):
         bitstorm.run_campaign(small_net(), images, labels, protocol="goldeneye")
     with pytest.raises(ConfigError, match="bitz"):
         bitstorm.run_campaign(small_net(), images, labels, bitz=[1])
+
+
+def test_a_fault_model_runs_on_the_same_trials_and_every_report_names_it(data, tmp_path):
+    """stuck_at_1 beside bit_flip on one spec: the same (index, bit, image) trials (paired), a
+    no-op wherever the bit already held 1 (masked, in the denominator, settled without a
+    forward), every value_after stored, the census swept under it, the report naming it."""
+    from campaign.analysis.render import console_summary
+
+    flips = _run(data, tmp_path / "flip", exhaustive_last_layer=True)
+    stuck = _run(data, tmp_path / "stuck", exhaustive_last_layer=True, fault_model="stuck_at_1")
+    query = "select kind, layer, index, bit, image from trials order by all"
+    pandas.testing.assert_frame_equal(flips.sql(query), stuck.sql(query))
+    rows = stuck.sql("select value_before, value_after, sdc from trials")
+    before = torch.tensor(rows["value_before"].to_numpy(), dtype=torch.float32)
+    after = torch.tensor(rows["value_after"].to_numpy(), dtype=torch.float32)
+    held = same_bits(before, after).numpy()
+    assert 0 < held.sum() < len(rows) and not rows["sdc"][held].any()
+    manifest = stuck.results.manifest
+    assert manifest["settled_without_forward"][UNCHANGED_TECHNIQUE] >= held.sum()
+    assert manifest["spec"]["fault_model"] == "stuck_at_1"
+    assert "fault model stuck_at_1" in console_summary(stuck.report())
+    assert "fault model bit_flip" in console_summary(flips.report())
+    census = stuck.sql("select sum(trials) n from census")["n"][0]
+    assert census == flips.sql("select sum(trials) n from census")["n"][0] > 0
+
+
+def test_a_multi_bit_upset_starts_only_where_it_fits_in_the_word(data, tmp_path):
+    result = _run(data, tmp_path, fault_model="multi_bit:2")
+    assert set(result.by_bit()["bit"]) == {0, 30}
+    with pytest.raises(ConfigError, match=r"bits: 31 is outside fp32's bits 0\.\.30 under multi"):
+        _run(data, tmp_path / "bad", fault_model="multi_bit:2", bits=[31])
+    with pytest.raises(ConfigError, match="fault_model: unknown fault model 'bitflip'"):
+        _run(data, tmp_path / "bad", fault_model="bitflip")
