@@ -160,3 +160,20 @@ def test_an_unknown_preset_name_lists_the_shipped_ones(capsys):
     err = capsys.readouterr().err
     assert "no config file 'paper/digits_resnet81'" in err
     assert all(f"paper/{name}" in err for name in ZOO)
+
+
+def test_the_fault_model_example_runs_on_the_default_models_and_pairs_with_bit_flip():
+    example = load_spec("examples/fault_models_digits", [])
+    preset = load_spec("paper/digits_resnet18", [])
+    assert example.fault_model == "multi_bit:2" and example.models == preset.models
+    assert example.output == preset.output and example.dataset == "digits"
+    paired = load_spec(
+        "examples/fault_models_digits", ["fault_model=bit_flip", "name=digits_bit_flip"]
+    )
+    assert paired.bits_of("fp32") == [*example.bits_of("fp32"), 31]
+    assert (
+        CampaignSpec.measured(paired, {"resnet18_linear": "a", "resnet18_text": "b"}).get(
+            "fault_model"
+        )
+        is None
+    )  # bit_flip: the fingerprint of a campaign from before fault models
