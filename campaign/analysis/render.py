@@ -152,13 +152,13 @@ def _protocol_choices(spec: dict[str, Any]) -> str:
     restriction = spec.get("range_restriction", spec.get("clamp"))
     non_finite = spec.get("non_finite_sdc", True)
     return (
-        f"fault model {spec.get('fault_model') or 'bit_flip'}; "
         f"range restriction {'on' if restriction else 'off'}; a non-finite logit "
         f"{'is' if non_finite else 'is not'} an SDC; overall "
         f"{OVERALL_NAMES[spec.get('overall') or 'fault_space']}; sequential allocation "
         f"{spec.get('allocation') or 'neyman'}; Top2Diff over the "
         f"{spec.get('top2diff_images') or 'campaign'} images; last layer "
-        f"{'exhaustive' if spec.get('exhaustive_last_layer') else 'sampled'}"
+        f"{'exhaustive' if spec.get('exhaustive_last_layer') else 'sampled'}; fault model "
+        f"{spec.get('fault_model') or 'bit_flip'}"
     )
 
 
