@@ -75,6 +75,12 @@ class FaultModel:
         """The bits a trial of this fault model can start at in ``fmt``."""
         return range(format_width(fmt) - self.width + 1)
 
+    @property
+    def may_keep_word(self) -> bool:
+        """Whether a fault can leave the stored word as it was: a stuck-at bit that already
+        holds its value; a flip always changes the word."""
+        return self.op != "xor"
+
 
 BIT_FLIP = FaultModel("bit_flip", "xor")
 FAULT_MODELS = ("bit_flip", "multi_bit:K", "stuck_at_0", "stuck_at_1")

@@ -166,8 +166,7 @@ def _settle_masked(
     left, settled = [], []
     for plan, positions in members:
         position, chosen, sub, _ = plan
-        # a flip always changes the stored word; a stuck-at bit may already hold its value
-        may_stay = sub.fault.op != "xor"
+        may_stay = sub.fault.may_keep_word
         if sub.kind == "neuron" and rule is None and not may_stay:
             left.append((plan, positions))
             continue
@@ -215,7 +214,7 @@ def _neuron_masking(
     golden = output.reshape(len(output), -1)[image, index]
     before, after = setting.injector.neuron_values(group, golden, peak)
     faulty = after.to(output.dtype)
-    unchanged = same_bits(golden, faulty) if group.fault.op != "xor" else None
+    unchanged = same_bits(golden, faulty) if group.fault.may_keep_word else None
     if rule is None:
         return before, after, unchanged, None
     # BatchNorm2d's channels (a rule without an affine map ignores them)
